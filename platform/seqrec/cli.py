@@ -1,0 +1,49 @@
+"""The `seqrec` command line. Each area registers its own subcommands; this file only assembles them."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# subcommand modules, each with register(subparsers); a module whose feature has not landed is skipped
+SUBCOMMAND_MODULES = ("seqrec.data.cli", "seqrec.eval.cli", "seqrec.train.cli", "seqrec.quickstart")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="seqrec",
+        description="Train, tune, evaluate and serve text-aware sequential recommenders on Ray.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("SEQREC_LOG_LEVEL", "INFO"))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        logging.getLogger("seqrec").error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: one canonical Parquet layout, loaders for each source format, the demo generator."""

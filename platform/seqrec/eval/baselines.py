@@ -1,0 +1,74 @@
+"""Reference recommenders in the common interface: MostPop, Last Item Repeater, and LIR through BM25.
+
+They are cheap, deterministic and tie-heavy, which makes them the sanity floor for every run and a good
+exercise of the optimistic/pessimistic distinction.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from seqrec.data.batching import last_items
+
+
+class MostPop:
+    """Every user gets the training popularity ranking (counts of item occurrences in training sequences)."""
+
+    name = "mostpop"
+    max_len = None
+
+    def __init__(self, item_counts: np.ndarray):
+        self.scores = torch.as_tensor(np.asarray(item_counts, dtype=np.float32))  # (N,)
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "MostPop":
+        return cls(dataset.train_item_counts())
+
+    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scores.to(batch["history"].device).expand(batch["history"].shape[0], -1)  # (B, N)
+
+
+class LastItemRepeater:
+    """Ranks the last history item first; every other item ties at 0 (so pes ranks them last)."""
+
+    name = "lir"
+    max_len = None
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "LastItemRepeater":
+        return cls(dataset.n_items)
+
+    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        last = last_items(batch)  # (B,)
+        scores = torch.zeros(len(last), self.n_items, device=last.device)
+        has = last >= 0
+        scores[has.nonzero().squeeze(1), last[has]] = 1.0
+        return scores
+
+
+class LastItemBM25:
+    """CALRec's LIR variant: all items ranked by BM25 similarity of their text to the last item's text."""
+
+    name = "lir_bm25"
+    max_len = None
+
+    def __init__(self, item_texts: list[str], bm25=None):
+        from seqrec.retrieval.bm25 import BM25Index
+
+        self.item_texts = item_texts
+        self.index = bm25 if bm25 is not None else BM25Index(item_texts)
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "LastItemBM25":
+        return cls(dataset.item_texts())
+
+    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        last = last_items(batch).tolist()
+        queries = [self.item_texts[i] if i >= 0 else "" for i in last]
+        return torch.from_numpy(np.asarray(self.index.score_batch(queries), dtype=np.float32))
+
+
+BASELINES = {cls.name: cls for cls in (MostPop, LastItemRepeater, LastItemBM25)}

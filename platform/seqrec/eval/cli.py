@@ -1,0 +1,81 @@
+"""`seqrec evaluate`: full-ranking metrics of baselines and trained checkpoints, one table and a JSON file."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def build_scorer(name: str, dataset):
+    """A baseline by name, or a trained model from a checkpoint directory."""
+    from seqrec.eval.baselines import BASELINES
+
+    if name in BASELINES:
+        return BASELINES[name].from_dataset(dataset)
+    path = Path(name)
+    if path.is_dir():
+        from seqrec.models.registry import load_model
+
+        model, _ = load_model(path)
+        return model
+    raise ValueError(f"unknown model {name!r}: expected one of {sorted(BASELINES)} or a checkpoint directory")
+
+
+def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, mask_history=False, memory_budget_mb=256.0):
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.eval.evaluator import EvalSettings, evaluate
+
+    dataset = PreparedDataset.load(dataset_path)
+    rows = dataset.eval_rows(split)
+    if max_users and max_users < len(rows):
+        # a seeded user subset, for models too slow to score every user on this machine
+        rows = rows.subset(np.sort(np.random.default_rng(seed).choice(len(rows), size=max_users, replace=False)))
+    settings = EvalSettings(mask_history=mask_history, memory_budget_mb=memory_budget_mb)
+    results = {}
+    for name in models:
+        scorer = build_scorer(name, dataset)
+        result = evaluate(scorer, rows, dataset.n_items, settings)
+        label = getattr(scorer, "name", None) or Path(name).name
+        results[label] = {**result.as_dict(), "seconds_per_user": result.seconds / max(1, result.n_rows)}
+    return dataset, results
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from seqrec.eval.evaluator import format_table
+
+    models = list(args.model or []) + list(args.checkpoint or [])
+    if not models:
+        raise SystemExit("give at least one --model or --checkpoint")
+    dataset, results = run_evaluation(
+        args.dataset, models, args.split, args.max_users, args.seed, args.mask_history, args.memory_budget_mb
+    )
+    print(f"dataset {dataset.name}: {results[next(iter(results))]['n_rows']} {args.split} rows, "
+          f"{dataset.n_items} items, full ranking")
+    print(format_table({name: r["metrics"] for name, r in results.items()}))
+    if args.out:
+        out = {"dataset": str(args.dataset), "split": args.split, "mask_history": args.mask_history, "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="full-ranking NDCG/Recall/MRR (optimistic and pessimistic ties) of models on a split"
+    )
+    p.add_argument("--dataset", required=True, help="a prepared dataset directory")
+    p.add_argument("--model", action="append", help="baseline name (mostpop, lir, lir_bm25) or checkpoint dir; repeatable")
+    p.add_argument("--checkpoint", action="append", help="a trained model's checkpoint directory; repeatable")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--max-users", type=int, default=None, help="evaluate a seeded random subset of users")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-history", action="store_true", help="exclude history items (except the target) from ranking")
+    p.add_argument("--memory-budget-mb", type=float, default=256.0, help="memory for one chunk of scores")
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.set_defaults(func=_evaluate)

@@ -1,0 +1,111 @@
+"""Bert4Rec (Sun et al. 2019) as tuned in FLARE section 3.2 ("Flare ID").
+
+Bidirectional transformer over item + learned position embeddings, cloze training:
+  * every item is masked with probability `mask_prob` (0.15), at least one per sequence;
+  * with probability `last_only_prob` a sequence instead has only its LAST item masked, which is exactly the
+    inference situation (history fully visible, a mask token after it);
+  * loss = mean NLL over masked positions with a full softmax over the item table (chunked for big catalogs);
+  * output layer tied to the item embeddings or untied, configurable.
+Inference appends the mask token after the history and scores all items from its representation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
+from seqrec.models.layers import Encoder, attention_mask, keep_recent
+
+
+@dataclass
+class Bert4RecConfig:
+    max_len: int = 50  # history items read at inference; positions = max_len + 1 (history + mask token)
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    hidden: int = 256
+    dropout: float = 0.2
+    attn_dropout: float = 0.2
+    init_std: float = 0.02
+    mask_prob: float = 0.15
+    last_only_prob: float = 0.1
+    tied_output: bool = True
+    output_bias: bool = True
+    loss_chunk_items: int = 16384
+    max_logit_elems: int = 2**24
+
+
+def cloze_mask(segments: torch.Tensor, mask_prob: float, last_only_prob: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, L) bool positions to mask. segments: (B, L), 0 = padding, k >= 1 = packed sequence id.
+
+    Rules: Bernoulli(mask_prob) per real item; a sequence drawn with prob last_only_prob has only its last
+    item masked; any sequence left without a masked item gets one uniformly chosen item masked.
+    """
+    b, length = segments.shape
+    dev = segments.device
+    real = segments > 0
+    gid = torch.arange(b, device=dev)[:, None] * (length + 1) + segments  # (B, L) unique id per (row, segment)
+    n_groups = b * (length + 1)
+    rand = torch.rand(b, length, generator=generator, device=dev)
+    mask = (rand < mask_prob) & real
+    # last item of each segment: the next slot belongs to another segment (or the row ends)
+    nxt = torch.cat([segments[:, 1:], torch.zeros(b, 1, dtype=segments.dtype, device=dev)], dim=1)
+    is_last = real & (nxt != segments)
+    seg_draw = torch.rand(n_groups, generator=generator, device=dev)
+    last_only = seg_draw[gid] < last_only_prob  # (B, L), constant within a segment
+    mask = torch.where(last_only, is_last, mask)
+    # at least one: segments with no masked item mask the position with the largest random key
+    count = torch.zeros(n_groups, device=dev).index_add_(0, gid.flatten(), mask.flatten().float())
+    key = torch.where(real, torch.rand(b, length, generator=generator, device=dev), torch.full_like(rand, -1.0))
+    best = torch.full((n_groups,), -2.0, device=dev).scatter_reduce(0, gid.flatten(), key.flatten(), reduce="amax")
+    pick = real & (count[gid] == 0) & (key == best[gid])
+    return mask | pick
+
+
+class Bert4Rec(nn.Module):
+    causal = False  # packing: whole sequence as input, masking happens in loss()
+
+    def __init__(self, config: Bert4RecConfig, n_items: int):
+        super().__init__()
+        self.config = config
+        self.n_items = n_items
+        self.max_len = config.max_len  # read by the evaluator to truncate histories
+        self.mask_token = n_items + 1  # tokens: 0 pad, 1..n items, n+1 mask
+        self.encoder = Encoder(n_items + 2, config.max_len + 1, config.dim, config.heads, config.hidden,
+                               config.layers, config.dropout, config.attn_dropout, config.init_std)
+        # tied: the output layer IS the embedding table (no second tensor, so nothing to untie on save/load)
+        self.out_weight = None if config.tied_output else nn.Parameter(torch.randn(n_items, config.dim) * config.init_std)
+        self.out_bias = nn.Parameter(torch.zeros(n_items)) if config.output_bias else None
+
+    @property
+    def packed_seq_len(self) -> int:
+        return self.config.max_len + 1  # training sequences may be one longer than inference histories
+
+    def item_table(self) -> torch.Tensor:
+        return self.encoder.item_emb.weight[1 : self.n_items + 1] if self.out_weight is None else self.out_weight
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        items, segments = batch["items"], batch["segments"]
+        masked = cloze_mask(segments, self.config.mask_prob, self.config.last_only_prob, generator)  # (B, L)
+        tokens = torch.where(masked, torch.full_like(items, self.mask_token), (items + 1).clamp(min=0))
+        h = self.encoder(tokens, batch["positions"], attention_mask(segments, causal=False))  # (B, L, D)
+        return chunked_cross_entropy(h[masked], self.item_table(), items[masked], self.out_bias,
+                                     self.config.loss_chunk_items, self.config.max_logit_elems)
+
+    def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        history, lengths = keep_recent(batch["history"], batch["lengths"], self.config.max_len)
+        b, width = history.shape
+        dev = history.device
+        tokens = torch.cat([(history + 1).clamp(min=0), torch.zeros(b, 1, dtype=history.dtype, device=dev)], 1)
+        rows = torch.arange(b, device=dev)
+        tokens[rows, lengths] = self.mask_token  # mask token right after the last real item, (B, W+1)
+        positions = torch.arange(width + 1, device=dev).expand(b, -1)
+        segments = (positions <= lengths[:, None]).long()
+        h = self.encoder(tokens, positions, attention_mask(segments, causal=False))
+        return h[rows, lengths]  # (B, D)
+
+    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)

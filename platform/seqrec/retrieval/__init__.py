@@ -1,0 +1,1 @@
+"""Lexical retrieval over item text (BM25)."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: one Ray instance for the whole session, the real data paths, a small demo dataset."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SEQREC_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"real data not found at {SHARED_DATA}; set SEQREC_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs Ray (starting Ray costs seconds)."""
+    from seqrec.ray_utils import init_ray
+
+    ray = init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    """A small synthetic dataset (prepared layout) with learnable sequential structure."""
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.data.demo import DemoOptions, generate_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    generate_demo(out, DemoOptions(n_users=300, n_items=120, seed=7))
+    return PreparedDataset.load(out)
+
+
+@pytest.fixture(scope="session")
+def scientific_dataset(tmp_path_factory, shared_data):
+    """The real Scientific data (UniSRec split) in the prepared layout."""
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.data.unisrec import prepare_unisrec
+
+    out = tmp_path_factory.mktemp("scientific")
+    prepare_unisrec(shared_data / "Scientific", out)
+    return PreparedDataset.load(out)

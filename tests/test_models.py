@@ -1,0 +1,159 @@
+"""ID models: chunked softmax numerics, Bert4Rec masking rules, packing masks/positions, per-model smoke tests."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqrec.data.batching import make_batch
+from seqrec.models.bert4rec import cloze_mask
+from seqrec.models.chunked_softmax import chunked_cross_entropy
+from seqrec.models.layers import attention_mask, keep_recent
+from seqrec.models.packing import pack_sequences, padding_stats, split_windows
+from seqrec.models.registry import MODELS, build_model
+
+TINY = {"max_len": 12, "dim": 16, "layers": 2, "heads": 2, "hidden": 32, "dropout": 0.0, "attn_dropout": 0.0}
+
+
+def _seqs(n=80, n_items=40, seed=0):
+    rng = np.random.default_rng(seed)
+    # learnable structure: item i is followed by i+1 (mod n_items)
+    return [(rng.integers(0, n_items) + np.arange(rng.integers(1, 16))) % n_items for _ in range(n)]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_cross_entropy_matches_plain(with_bias):
+    torch.manual_seed(0)
+    h = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(101, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(101, dtype=torch.float64, requires_grad=True) if with_bias else None
+    t = torch.randint(0, 101, (37,))
+    t[:5] = 3  # repeated targets exercise index_add in the backward
+    plain = F.cross_entropy(h @ w.t() + (b if b is not None else 0), t)
+    grads_plain = torch.autograd.grad(plain, [h, w] + ([b] if b is not None else []))
+    chunked = chunked_cross_entropy(h, w, t, b, chunk_items=10, max_logit_elems=0)  # forces 11 chunks
+    grads_chunked = torch.autograd.grad(chunked, [h, w] + ([b] if b is not None else []))
+    assert torch.allclose(plain, chunked, atol=1e-10)
+    for a, c in zip(grads_plain, grads_chunked):
+        assert torch.allclose(a, c, atol=1e-10)
+
+
+def test_chunked_cross_entropy_hand_computed():
+    h = torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    # logits = [1, 0, 0], target 0: nll = log(e + 2) - 1
+    got = chunked_cross_entropy(h, w, torch.tensor([0]), chunk_items=1, max_logit_elems=0)
+    assert got.item() == pytest.approx(np.log(np.e + 2) - 1, abs=1e-6)
+
+
+def test_cloze_mask_rules():
+    gen = torch.Generator().manual_seed(0)
+    seg = torch.zeros(64, 50, dtype=torch.long)
+    seg[:, :20], seg[:, 20:23], seg[:, 23:45] = 1, 2, 3  # 5 padding slots at the end
+    mask = cloze_mask(seg, 0.15, 0.0, gen)
+    assert not mask[seg == 0].any(), "padding is never masked"
+    for s in (1, 2, 3):
+        assert ((mask & (seg == s)).sum(1) >= 1).all(), "every sequence has at least one masked item"
+    rate = mask[:, :20].float().mean().item()  # long segment: the at-least-one rule barely matters
+    assert 0.12 < rate < 0.19
+    only_last = cloze_mask(seg, 0.15, 1.0, gen)
+    expected = torch.zeros_like(only_last)
+    expected[:, [19, 22, 44]] = True
+    assert torch.equal(only_last, expected)
+    mixed = cloze_mask(seg, 0.15, 0.5, gen)
+    seqs_last_only = ((mixed & (seg == 1)).sum(1) == 1) & mixed[:, 19]
+    assert 0.2 < seqs_last_only.float().mean().item() < 0.8
+
+
+def test_packing_masks_and_positions():
+    rng = np.random.default_rng(0)
+    seqs = [np.arange(n) + 100 * i for i, n in enumerate([3, 5, 2, 7, 4, 1])]
+    packed = pack_sequences(seqs, pack_len=8, max_seq_len=8, causal=False, rng=rng)
+    assert packed.items.shape[1] == 8
+    total = sum(len(s) for s in seqs)
+    assert (packed.segments > 0).sum() == total
+    assert len(packed) == int(np.ceil(total / 8))  # 22 items -> 3 rows: best fit leaves 2 slots
+    for r in range(len(packed)):
+        for s in set(packed.segments[r]) - {0}:
+            sel = packed.segments[r] == s
+            assert np.array_equal(packed.positions[r][sel], np.arange(sel.sum())), "positions restart at 0"
+            items = packed.items[r][sel]
+            assert np.array_equal(items, items[0] + np.arange(len(items))), "a segment is one contiguous sequence"
+    seg = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    m = attention_mask(seg, causal=False)[0, 0]
+    assert m[0, 1] and not m[0, 2] and m[2, 4] and not m[4, 5] and m[5, 5]
+    c = attention_mask(seg, causal=True)[0, 0]
+    assert not c[2, 3] and c[3, 2] and not c[2, 1]
+    # causal windows: input s[:-1], target s[1:], long sequences cut into windows from the recent end
+    inputs, targets = split_windows([np.arange(10)], max_seq_len=4, causal=True)
+    assert [x.tolist() for x in inputs] == [[5, 6, 7, 8], [1, 2, 3, 4], [0]]
+    assert [x.tolist() for x in targets] == [[6, 7, 8, 9], [2, 3, 4, 5], [1]]
+    stats = padding_stats(_seqs(), pack_len=32, max_seq_len=12, causal=True)
+    assert stats["padding_packed"] < 0.1 < stats["padding_fixed"]
+
+
+def test_keep_recent():
+    hist = torch.tensor([[1, 2, 3, 4, 5], [7, 8, -1, -1, -1]])
+    h, n = keep_recent(hist, torch.tensor([5, 2]), 3)
+    assert h.tolist() == [[3, 4, 5], [7, 8, -1]] and n.tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_packed_equals_alone(name):
+    """A sequence packed next to others gets the same representation as when encoded alone."""
+    torch.manual_seed(0)
+    model = build_model(name, TINY, 40).eval()
+    a, b = np.array([3, 4, 5, 6]), np.array([10, 11, 12])
+    from seqrec.models.packing import build_rows
+
+    inputs, targets = split_windows([a, b], model.packed_seq_len, causal=True)
+    packed = build_rows(inputs, targets, [[0, 1]], width=10).batch(np.arange(1))
+    alone = build_rows(inputs, targets, [[1]], width=10).batch(np.arange(1))
+    if name == "sasrec":
+        hp = model.encode(packed["items"], packed["positions"], packed["segments"])[0, 3:5]
+        ha = model.encode(alone["items"], alone["positions"], alone["segments"])[0, 0:2]
+    else:
+        from seqrec.models.layers import attention_mask as am
+
+        tok = lambda x: (x["items"] + 1).clamp(min=0)
+        hp = model.encoder(tok(packed), packed["positions"], am(packed["segments"], False))[0, 3:5]
+        ha = model.encoder(tok(alone), alone["positions"], am(alone["segments"], False))[0, 0:2]
+    assert torch.allclose(hp, ha, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_smoke_learns(name):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    seqs = _seqs()
+    model = build_model(name, TINY, 40)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    packed = pack_sequences(seqs, 32, model.packed_seq_len, model.causal, rng)
+    losses = []
+    for step in range(150):
+        batch = packed.batch(np.arange(len(packed))[step % 4 :: 4])
+        loss = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    model.eval()
+    hist = [np.array([5, 6, 7]), np.array([20]), np.arange(30) % 40]
+    batch = make_batch(hist, np.array([8, 21, 30]), max_len=None)
+    scores = model.score_all(batch)
+    assert scores.shape == (3, 40) and torch.isfinite(scores).all()
+    # padding and truncation do not change a row's scores
+    alone = model.score_all(make_batch(hist[:1], np.array([8])))
+    assert torch.allclose(scores[0], alone[0], atol=1e-5)
+    trunc = model.score_all(make_batch([hist[2][-12:]], np.array([30])))
+    assert torch.allclose(scores[2], trunc[0], atol=1e-5)
+    assert 8 in scores[0].topk(3).indices.tolist()  # learnt "i -> i+1"
+
+
+def test_untied_bert4rec_has_own_output():
+    model = build_model("bert4rec", {**TINY, "tied_output": False}, 40)
+    assert model.item_table().data_ptr() != model.encoder.item_emb.weight.data_ptr()
+    tied = build_model("bert4rec", TINY, 40)
+    assert tied.item_table().data_ptr() == tied.encoder.item_emb.weight[1:].data_ptr()
