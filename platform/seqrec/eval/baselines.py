@@ -71,4 +71,25 @@ class LastItemBM25:
         return torch.from_numpy(np.asarray(self.index.score_batch(queries), dtype=np.float32))
 
 
-BASELINES = {cls.name: cls for cls in (MostPop, LastItemRepeater, LastItemBM25)}
+class LastItemText:
+    """All items ranked by cosine similarity of frozen-encoder (MiniLM) embeddings to the last item's."""
+
+    name = "lir_text"
+    max_len = None
+
+    def __init__(self, item_embeddings: torch.Tensor):
+        self.emb = torch.nn.functional.normalize(item_embeddings.float(), dim=-1)  # (N, D)
+
+    @classmethod
+    def from_dataset(cls, dataset, encoder_name: str = "minilm") -> "LastItemText":
+        from seqrec.features.cache import dataset_features, pooled
+
+        return cls(pooled(dataset_features(dataset, encoder_name)))
+
+    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        last = last_items(batch)
+        query = self.emb[last.clamp(min=0)] * (last >= 0).unsqueeze(1)  # (B, D); empty history -> zeros
+        return query @ self.emb.T  # (B, N)
+
+
+BASELINES = {cls.name: cls for cls in (MostPop, LastItemRepeater, LastItemBM25, LastItemText)}

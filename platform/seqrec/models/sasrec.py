@@ -62,6 +62,10 @@ class SASRec(nn.Module):
         return chunked_cross_entropy(h[keep], self.item_table(), targets[keep], self.out_bias,
                                      self.config.loss_chunk_items, self.config.max_logit_elems)
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training loss; DDP and DeepSpeed only synchronise gradients of calls that go through forward()."""
+        return self.loss(batch)
+
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         history, lengths = keep_recent(batch["history"], batch["lengths"], self.config.max_len)
         width = history.shape[1]

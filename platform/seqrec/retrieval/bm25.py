@@ -46,6 +46,7 @@ import numpy as np
 import scipy.sparse as sp
 
 _TOKEN = re.compile(r"[^\W_]+")
+_MASK_BITS = 12  # dense query terms handled per lookup table (2**12 entries)
 
 
 def tokenize(text: str | None) -> list[str]:
@@ -72,6 +73,40 @@ def _map_tokens(flat: list[str], vocab: dict[str, int], grow: bool) -> np.ndarra
         if grow:
             return np.fromiter((vocab.setdefault(t, len(vocab)) for t in flat), dtype=np.int64, count=len(flat))
         return np.fromiter((vocab.get(t, -1) for t in flat), dtype=np.int64, count=len(flat))
+
+
+def _scatter_add_numpy(out, span, idx, weights, scale):
+    lo, hi = int(span[0]), int(span[1])
+    w = weights[lo:hi]
+    out[idx[lo:hi]] += w if scale == 1.0 else w * scale  # doc ids within one list are unique
+
+
+def _make_scatter_add():
+    """out[idx[lo:hi]] += scale * weights[lo:hi] for one posting list, accumulating in place.
+
+    scipy's compiled csc_matvec does exactly this for a one-column CSC matrix whose column pointer is
+    span = [lo, hi] into the shared posting arrays: no copy, no temporary, ~2x faster than numpy fancy-index
+    add. It is scipy-internal, so it is checked once here and numpy is used if it is missing or differs.
+    """
+    try:
+        from scipy.sparse import _sparsetools
+
+        kernel = _sparsetools.csc_matvec
+        probe = np.zeros(4)
+        kernel(4, 1, np.array([1, 3], dtype=np.int32), np.array([9, 0, 2, 9], dtype=np.int32),
+               np.array([5.0, 1.0, 2.0, 5.0]), np.array([3.0]), probe)
+        if not np.array_equal(probe, [3.0, 0.0, 6.0, 0.0]):
+            raise RuntimeError("unexpected csc_matvec semantics")
+    except Exception:  # pragma: no cover - depends on the scipy build
+        return _scatter_add_numpy
+
+    def scatter_add(out, span, idx, weights, scale):
+        kernel(len(out), 1, span, idx, weights, np.array([scale]), out)
+
+    return scatter_add
+
+
+_scatter_add = _make_scatter_add()
 
 
 def _count_rows(token_lists: Sequence[list[str]], vocab: dict[str, int]) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -149,29 +184,35 @@ class BM25Index:
         on_dense = dense[terms]
         # dense terms keep only a tf>1 correction in M; their tf=1 part is idf_t * h1_d
         keep = ~on_dense | (counts.data > 1)
-        value = weight.copy()
+        value = weight
         value[on_dense] -= idf[terms[on_dense]] * self._h1[rows[on_dense]]
-        self._M = sp.csr_matrix(
+        m = sp.csr_matrix(
             (value[keep], (terms[keep], rows[keep])), shape=(n_vocab, n_docs), dtype=np.float64
-        )  # (V, N): row t = postings of t
-        self._M.sum_duplicates()
+        )  # (V, N): row t = postings of t, docs ascending (input is doc-major)
+        n_post = m.nnz
+        idx_dtype = np.int32 if max(n_post, n_docs) < 2**31 - 1 else np.int64
+        self._post_ptr = m.indptr.astype(idx_dtype)  # (V+1,)
+        self._post_doc = m.indices.astype(idx_dtype)  # (P,) doc ids
+        self._post_w = m.data  # (P,) float64 weights
+        del m, weight, value, keep
 
-        # complement lists of dense terms: docs NOT containing t (sorted), as CSR-like arrays over dense slots
+        # complement lists of dense terms (docs NOT containing t, ascending), CSR-like over term ids
         dense_ids = np.flatnonzero(dense)
-        self._dense_slot = np.full(n_vocab, -1, dtype=np.int64)
-        self._dense_slot[dense_ids] = np.arange(len(dense_ids))
-        comp_ptr = [0]
-        comp_idx = []
+        comp_len = np.zeros(n_vocab, dtype=np.int64)
+        comp_parts = []
         if len(dense_ids):
-            by_term = counts.tocsc()
-            for t in dense_ids:
-                has = np.zeros(n_docs, dtype=bool)
-                has[by_term.indices[by_term.indptr[t]:by_term.indptr[t + 1]]] = True
-                missing = np.flatnonzero(~has)
-                comp_idx.append(missing)
-                comp_ptr.append(comp_ptr[-1] + len(missing))
-        self._comp_ptr = np.asarray(comp_ptr, dtype=np.int64)
-        self._comp_idx = np.concatenate(comp_idx) if comp_idx else np.zeros(0, dtype=np.int64)
+            slot = np.full(n_vocab, -1, dtype=np.int64)
+            slot[dense_ids] = np.arange(len(dense_ids))
+            has = np.zeros((len(dense_ids), n_docs), dtype=bool)
+            has[slot[terms[on_dense]], rows[on_dense]] = True
+            for j, t in enumerate(dense_ids):
+                missing = np.flatnonzero(~has[j])
+                comp_parts.append(missing)
+                comp_len[t] = len(missing)
+            del has
+        self._comp_ptr = np.concatenate([[0], np.cumsum(comp_len)]).astype(idx_dtype)  # (V+1,)
+        self._comp_doc = (np.concatenate(comp_parts) if comp_parts else np.zeros(0)).astype(idx_dtype)
+        self._comp_one = np.ones(len(self._comp_doc), dtype=np.float64)  # unit weights for the scatter
 
     # ------------------------------------------------------------------ info
     @property
@@ -193,65 +234,70 @@ class BM25Index:
         return float(self._idf[t]) if t is not None and t < len(self._idf) else 0.0
 
     def memory_bytes(self) -> int:
-        arrays = [self._M.data, self._M.indices, self._M.indptr, self._counts.data, self._counts.indices,
-                  self._counts.indptr, self._doc_len, self._h1, self._idf, self._df, self._comp_idx]
+        arrays = [self._post_ptr, self._post_doc, self._post_w, self._counts.data, self._counts.indices,
+                  self._counts.indptr, self._doc_len, self._h1, self._idf, self._df, self._comp_ptr,
+                  self._comp_doc, self._comp_one]
         return int(sum(a.nbytes for a in arrays))
 
     # ------------------------------------------------------------------ scoring
-    def _query_matrix(self, queries: Sequence[str]) -> sp.csr_matrix:
-        """(Q, V) float64 term counts of the queries, unknown tokens dropped, columns sorted."""
+    def _query_terms(self, queries: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query: (sorted known term ids, their counts in the query). Unknown tokens are dropped."""
         token_lists = [tokenize(q) for q in queries]
         lens = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
         ids = _map_tokens(list(chain.from_iterable(token_lists)), self._vocab, grow=False)
-        rows = np.repeat(np.arange(len(token_lists), dtype=np.int64), lens)
-        ok = (ids >= 0) & (ids < self._M.shape[0])
-        qm = sp.csr_matrix(
-            (np.ones(int(ok.sum()), dtype=np.float64), (rows[ok], ids[ok])),
-            shape=(len(token_lists), self._M.shape[0]),
-        )
-        qm.sum_duplicates()  # canonical: sorted term ids per row, counts summed
-        return qm
+        out = []
+        for q_ids in np.split(ids, np.cumsum(lens)[:-1]) if len(token_lists) else []:
+            q_ids = q_ids[(q_ids >= 0) & (q_ids < len(self._idf))]
+            terms, counts = np.unique(q_ids, return_counts=True)  # sorted: the canonical summation order
+            out.append((terms, counts))
+        return out
 
-    def score_batch(self, queries: Sequence[str]) -> np.ndarray:
-        """(Q, N) float64 BM25Okapi scores of every document for each query."""
+    def _score_into(self, row: np.ndarray, terms: np.ndarray, counts: np.ndarray, work: np.ndarray) -> None:
+        """Write the (N,) scores of one query (sorted term ids, counts) into `row`; `work` is (N,) scratch."""
+        row[:] = 0.0
+        # (1) sparse terms' postings and dense terms' tf>1 corrections: row_d += c_t * M_td, term by term in
+        #     id order (the per-doc summation order is fixed, so equal docs get bit-identical sums)
+        ptr = self._post_ptr
+        for t, c in zip(terms.tolist(), counts.tolist()):
+            if ptr[t + 1] > ptr[t]:
+                _scatter_add(row, ptr[t:t + 2], self._post_doc, self._post_w, float(c))
+        # (2) dense terms, tf=1 part: row_d += A_d * h1_d with A_d = sum of c_t * idf_t over the query's dense
+        #     terms present in d, computed as  total - D_d,  D_d = sum of c_t * idf_t over those ABSENT from d
+        #     (scattered over the short complement lists). total and every D_d are summed in the same term
+        #     order, so a doc missing all of them gets exactly 0 and equal absence patterns give equal A_d.
+        dense = self._is_dense[terms]
+        if not dense.any():
+            return
+        d_terms = terms[dense]
+        coef = (counts[dense] * self._idf[d_terms]).tolist()  # c_t * idf_t
+        total = 0.0
+        for v in coef:
+            total += v
+        cptr = self._comp_ptr
+        if all(cptr[t + 1] == cptr[t] for t in d_terms.tolist()):
+            row += total * self._h1  # every doc contains every dense query term
+            return
+        work[:] = 0.0
+        for t, v in zip(d_terms.tolist(), coef):
+            if cptr[t + 1] > cptr[t]:
+                _scatter_add(work, cptr[t:t + 2], self._comp_doc, self._comp_one, v)
+        np.subtract(total, work, out=work)  # A_d
+        work *= self._h1
+        row += work
+
+    def score_batch(self, queries: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
+        """(Q, N) float64 BM25Okapi scores of every document for each query (written into `out` if given)."""
         queries = list(queries)
-        n_q, n_docs = len(queries), self._n_docs
-        if n_q == 0 or n_docs == 0:
-            return np.zeros((n_q, n_docs), dtype=np.float64)
-        qm = self._query_matrix(queries)
-        # sparse terms' postings and dense terms' tf>1 corrections: (Q, V) @ (V, N)
-        out = (qm @ self._M).toarray()  # (Q, N) float64
-        if not self._is_dense.any():
+        shape = (len(queries), self._n_docs)
+        if out is None:
+            out = np.empty(shape, dtype=np.float64)
+        elif out.shape != shape or out.dtype != np.float64:
+            raise ValueError(f"out must be float64 {shape}, got {out.dtype} {out.shape}")
+        if self._n_docs == 0 or not queries:
             return out
-        idf, h1, slot = self._idf, self._h1, self._dense_slot
-        for q in range(n_q):
-            lo, hi = qm.indptr[q], qm.indptr[q + 1]
-            terms = qm.indices[lo:hi]
-            sel = self._is_dense[terms]
-            if not sel.any():
-                continue
-            d_terms = terms[sel]  # sorted term ids: the canonical summation order
-            coef = qm.data[lo:hi][sel] * idf[d_terms]  # c_qt * idf_t
-            slots = slot[d_terms]
-            comps = [self._comp_idx[self._comp_ptr[s]:self._comp_ptr[s + 1]] for s in slots]
-            union = np.unique(np.concatenate(comps)) if any(len(c) for c in comps) else None
-            total = 0.0
-            a_union = np.zeros(len(union)) if union is not None else None
-            for v, comp in zip(coef.tolist(), comps):
-                total += v
-                if a_union is not None:
-                    # doc in union has the term unless it is in this term's complement list
-                    missing = np.zeros(len(union), dtype=bool)
-                    if len(comp):
-                        missing[np.searchsorted(union, comp)] = True
-                    a_union += np.where(missing, 0.0, v)
-            row = out[q]
-            if union is not None:
-                base = row[union]  # sparse part of the complement docs (copy)
-                row += total * h1
-                row[union] = base + a_union * h1[union]
-            else:
-                row += total * h1
+        work = np.empty(self._n_docs, dtype=np.float64)
+        for q, (terms, counts) in enumerate(self._query_terms(queries)):
+            self._score_into(out[q], terms, counts, work)
         return out
 
     def get_scores(self, query: str) -> np.ndarray:

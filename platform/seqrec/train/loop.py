@@ -1,0 +1,409 @@
+"""The one training loop: a Ray Train worker function (DDP or DeepSpeed) and the driver that runs it.
+
+Per worker: read its Ray Data shard of training sequences once, then stream packed batches forever (epoch e
+of rank r is packed with seed (seed, r, e), so a resumed run replays exactly the same batches). Every
+`eval_every` steps rank 0 validates with the shared evaluator, all ranks write their part of a checkpoint
+and call ray.train.report; early stopping on the validation metric; the driver finally loads the best
+checkpoint and evaluates it on valid and test.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from seqrec.config import from_dict
+from seqrec.train.checkpoint import (
+    TRAIN_STATE,
+    atomic_torch_save,
+    load_state,
+    load_weights_into,
+    rank_state_file,
+    save_model_files,
+)
+from seqrec.train.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+SCORE_KEY = "val_score"  # the validation metric chosen by train.eval_metric, for Ray's checkpoint ranking
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def lr_lambda(cfg) -> Any:
+    """Linear warm-up, then cosine/linear decay to min_lr_ratio at train.steps (constant after)."""
+    warm, total, floor = max(cfg.warmup_steps, 0), max(cfg.steps, 1), cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        if cfg.schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, LayerNorm and position embeddings' 1-d params."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class BatchStream:
+    """Endless packed batches of one worker's sequences; its position (epoch, batch) is checkpointed."""
+
+    def __init__(self, seqs: list[np.ndarray], model: torch.nn.Module, cfg, rank: int):
+        self.seqs, self.cfg, self.rank = seqs, cfg, rank
+        self.max_seq_len, self.causal = model.packed_seq_len, model.causal
+        self.epoch, self.batch = 0, 0
+        self._packed = None
+
+    def _pack(self):
+        from seqrec.models.packing import pack_sequences, pad_sequences
+
+        rng = np.random.default_rng([self.cfg.seed, self.rank, self.epoch])
+        if self.cfg.packing:
+            return pack_sequences(self.seqs, self.cfg.pack_len, self.max_seq_len, self.causal, rng)
+        return pad_sequences(self.seqs, self.max_seq_len, self.causal, rng)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            if self._packed is None:
+                self._packed = self._pack()
+                if len(self._packed) < self.cfg.batch_size:
+                    raise ValueError(f"rank {self.rank}: {len(self._packed)} packed rows < batch_size {self.cfg.batch_size}")
+            n_batches = len(self._packed) // self.cfg.batch_size
+            if self.batch >= n_batches:
+                self.epoch, self.batch, self._packed = self.epoch + 1, 0, None
+                continue
+            idx = np.arange(self.batch * self.cfg.batch_size, (self.batch + 1) * self.cfg.batch_size)
+            self.batch += 1
+            yield self._packed.batch(idx)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch, self._packed = int(state["epoch"]), int(state["batch"]), None
+
+
+def read_shard_sequences(shard) -> list[np.ndarray]:
+    """All training sequences in this worker's Ray Data shard, ordered by user (deterministic packing)."""
+    users, seqs = [], []
+    for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+        col = batch.column("items").combine_chunks()
+        offsets = col.offsets.to_numpy()
+        values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        seqs.extend(values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1))
+        users.extend(batch.column("user_idx").to_numpy().tolist())
+    order = np.argsort(np.asarray(users), kind="stable")
+    return [seqs[i] for i in order]
+
+
+def broadcast(obj: Any, world: int) -> Any:
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def experiment_meta(cfg: ExperimentConfig, model: torch.nn.Module, n_items: int) -> dict[str, Any]:
+    from seqrec.models.registry import model_config_dict
+
+    return {
+        "model_name": cfg.model.name,
+        "model": model_config_dict(model),
+        "n_items": int(n_items),
+        "experiment": asdict(cfg),
+    }
+
+
+# ------------------------------------------------------------------------------------- worker function
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.eval.evaluator import EvalSettings, evaluate
+    from seqrec.models.registry import build_model
+
+    cfg = from_dict(ExperimentConfig, config["experiment"])
+    tc, sc = cfg.train, cfg.scaling
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tc.threads_per_worker or max(1, int(sc.cpus_per_worker)))
+    device = ray.train.torch.get_device() if sc.use_gpu else torch.device("cpu")
+    use_ds = sc.strategy == "deepspeed"
+    if sc.strategy not in ("ddp", "deepspeed"):
+        raise ValueError(f"unknown strategy {sc.strategy!r}")
+
+    # identical initial weights on every rank; rank-specific RNG for dropout / masking afterwards
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    dataset = PreparedDataset.load(config["dataset_path"])
+    model = build_model(cfg.model.name, cfg.model.params, dataset.n_items)
+    torch.manual_seed(tc.seed + 1000 * (rank + 1))
+
+    seqs = read_shard_sequences(ray.train.get_dataset_shard("train"))
+    stream = BatchStream(seqs, model, tc, rank)
+    state = {"step": 0, "best_score": -math.inf, "best_step": 0, "evals_since_best": 0, "elapsed_s": 0.0}
+
+    resume = ray.train.get_checkpoint()
+    resume_dir = None
+    if resume is not None:
+        resume_dir = resume.to_directory()  # a local copy every rank can read
+        load_weights_into(model, resume_dir)
+    model.to(device)
+    optimizer = make_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+
+    engine = None
+    if use_ds:
+        from seqrec.train import deepspeed_utils
+
+        deepspeed_utils.ensure_env(sc.use_gpu)
+        ds_cfg = deepspeed_utils.build_config(sc.deepspeed_config, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
+                                              use_gpu=sc.use_gpu, zero_stage=sc.zero_stage)
+        engine, _ = deepspeed_utils.initialize(model, optimizer, ds_cfg)
+        train_module = engine
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_module = model
+
+    if resume_dir is not None:
+        ts = load_state(Path(resume_dir) / TRAIN_STATE)
+        state.update(ts["state"])
+        scheduler.load_state_dict(ts["scheduler"])
+        if use_ds:
+            engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+        else:
+            optimizer.load_state_dict(ts["optimizer"])
+        rs_path = Path(resume_dir) / rank_state_file(rank)
+        if rs_path.exists():  # absent if the world size changed: keep fresh per-rank streams
+            rs = load_state(rs_path)
+            torch.set_rng_state(rs["torch_rng"])
+            if torch.cuda.is_available() and "cuda_rng" in rs:
+                torch.cuda.set_rng_state(rs["cuda_rng"])
+            stream.load(rs["stream"])
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']} (best {tc.eval_metric}={state['best_score']:.4f})", flush=True)
+
+    valid_rows = dataset.eval_rows("valid")
+    if tc.valid_max_rows and len(valid_rows) > tc.valid_max_rows:
+        valid_rows = valid_rows.subset(np.random.default_rng(tc.seed).permutation(len(valid_rows))[: tc.valid_max_rows])
+    meta = experiment_meta(cfg, model, dataset.n_items)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (sc.use_gpu and not use_ds) else None
+
+    def validate_and_checkpoint(last_loss: float, seq_per_s: float) -> bool:
+        """Rank 0 validates; everyone saves its part and reports. Returns True to stop early."""
+        from seqrec.train.deepspeed_utils import full_parameters  # cheap: deepspeed is imported lazily
+
+        metrics = None
+        with full_parameters(engine, model):  # ZeRO-3: all ranks gather, rank 0 evaluates
+            if rank == 0:
+                metrics = evaluate(model, valid_rows, dataset.n_items, EvalSettings(), device).metrics
+                model.train()
+        metrics = broadcast(metrics, world)
+        score = float(metrics[tc.eval_metric])
+        if score > state["best_score"]:
+            state.update(best_score=score, best_step=state["step"], evals_since_best=0)
+        else:
+            state["evals_since_best"] += 1
+        report = {"step": state["step"], "loss": last_loss, "seq_per_s": seq_per_s, "lr": scheduler.get_last_lr()[0],
+                  SCORE_KEY: score, "best_score": state["best_score"], "best_step": state["best_step"],
+                  **{f"val/{k}": v for k, v in metrics.items()}}
+        with tempfile.TemporaryDirectory(prefix="seqrec_ckpt_") as tmp:
+            with full_parameters(engine, model):
+                if rank == 0:
+                    save_model_files(model, tmp, meta)
+            if rank == 0:
+                atomic_torch_save({"state": dict(state), "scheduler": scheduler.state_dict(),
+                                   "optimizer": None if use_ds else optimizer.state_dict()}, Path(tmp) / TRAIN_STATE)
+            rs = {"torch_rng": torch.get_rng_state(), "stream": stream.state()}
+            if torch.cuda.is_available():
+                rs["cuda_rng"] = torch.cuda.get_rng_state()
+            atomic_torch_save(rs, Path(tmp) / rank_state_file(rank))
+            if use_ds:
+                ds_dir = Path(tmp) / "deepspeed"
+                ds_dir.mkdir(exist_ok=True)
+                engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+        if rank == 0:
+            print(f"[valid] step {state['step']} {tc.eval_metric}={score:.4f} best={state['best_score']:.4f}"
+                  f"@{state['best_step']} ndcg@10/opt={metrics.get('ndcg@10/opt', float('nan')):.4f}", flush=True)
+        return bool(tc.patience) and state["evals_since_best"] >= tc.patience
+
+    # ---------------------------------------------------------------------------------------- the loop
+    train_module.train()
+    it = iter(stream)
+    window_loss, window_n, window_seqs, window_t0 = 0.0, 0, 0, time.perf_counter()
+    last_loss, seq_per_s = float("nan"), 0.0
+    run_t0 = time.perf_counter() - state["elapsed_s"]
+    evaluated_at = state["step"] if resume_dir is not None else -1
+    while state["step"] < tc.steps:
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+        n_seqs = int((batch["positions"] == 0).logical_and(batch["segments"] > 0).sum())  # segments in the batch
+        if tc.fail_at_step is not None and rank == 0 and state["step"] == tc.fail_at_step:
+            marker = Path(config["fail_marker"])
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text("killed once")
+                print(f"[train] fault injection: killing rank 0 (pid {os.getpid()}) at step {state['step']}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        if use_ds:
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()
+        else:
+            if autocast is not None:
+                with autocast:
+                    loss = train_module(batch)
+            else:
+                loss = train_module(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        window_loss += float(loss.detach())
+        window_n += 1
+        window_seqs += n_seqs * world
+        if state["step"] % tc.log_every == 0 or state["step"] == tc.steps:
+            dt = time.perf_counter() - window_t0
+            last_loss, seq_per_s = window_loss / window_n, window_seqs / max(dt, 1e-9)
+            if rank == 0:
+                print(f"[train] step {state['step']}/{tc.steps} loss {last_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                      f"{seq_per_s:.0f} seq/s elapsed {time.perf_counter() - run_t0:.0f}s", flush=True)
+            window_loss, window_n, window_seqs, window_t0 = 0.0, 0, 0, time.perf_counter()
+        if state["step"] % tc.eval_every == 0 or state["step"] == tc.steps:
+            state["elapsed_s"] = time.perf_counter() - run_t0
+            evaluated_at = state["step"]
+            if validate_and_checkpoint(last_loss, seq_per_s):
+                if rank == 0:
+                    print(f"[train] early stop at step {state['step']}: no improvement in {tc.patience} evaluations", flush=True)
+                break
+            window_t0 = time.perf_counter()  # validation time is not training throughput
+    if evaluated_at != state["step"]:
+        validate_and_checkpoint(last_loss, seq_per_s)
+
+
+# --------------------------------------------------------------------------------------------- driver
+def resolve_dataset(cfg: ExperimentConfig) -> str:
+    if cfg.data.path:
+        return str(Path(cfg.data.path).resolve())
+    if cfg.data.unisrec_dir:
+        from seqrec.data.unisrec import prepare_unisrec
+
+        raw = Path(cfg.data.unisrec_dir)
+        out = Path(cfg.data.cache_dir).resolve() / raw.name
+        if not (out / "meta.json").exists():
+            prepare_unisrec(raw, out)
+        return str(out)
+    raise ValueError("config needs data.path (prepared dataset) or data.unisrec_dir (raw UniSRec files)")
+
+
+def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) -> dict[str, Any]:
+    """Train with Ray Train, then evaluate the best checkpoint. Returns a summary dict (also saved as JSON)."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from seqrec.data.dataset import PreparedDataset, atomic_write_json
+    from seqrec.eval.evaluator import EvalSettings, evaluate, format_table
+    from seqrec.models.registry import load_model
+    from seqrec.ray_utils import init_ray
+
+    sc = cfg.scaling
+    init_ray(address=cfg.run.address)
+    dataset_path = resolve_dataset(cfg)
+    dataset = PreparedDataset.load(dataset_path)
+    table = dataset.split("train")
+    # several blocks so streaming_split can hand each worker a part without running any Ray Data task
+    n_blocks = datasets_blocks or max(4 * sc.num_workers, 1)
+    step = max(1, math.ceil(table.num_rows / n_blocks))
+    train_ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+
+    name = cfg.run.name or cfg.name
+    storage = str(Path(cfg.run.storage_path).resolve())
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath()}
+    if sc.strategy == "deepspeed" and not sc.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    resume = None
+    if cfg.run.resume_from:
+        from ray.train import Checkpoint
+
+        resume = Checkpoint.from_directory(str(Path(cfg.run.resume_from).resolve()))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": asdict(cfg), "dataset_path": dataset_path,
+                           "fail_marker": str(Path(storage) / name / ".fault_injected")},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets={"train": train_ds},
+        resume_from_checkpoint=resume,
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    train_seconds = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE_KEY])
+    best_dir = best_ckpt.path
+    summary: dict[str, Any] = {
+        "name": name, "model": cfg.model.name, "train_seconds": round(train_seconds, 1),
+        "final_step": result.metrics.get("step"), "best_step": best_metrics.get("step"),
+        "best_checkpoint": best_dir, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "seq_per_s_last": result.metrics.get("seq_per_s"),
+    }
+    model, _ = load_model(best_dir)
+    table_rows = {}
+    splits = ("valid", "test") if cfg.run.test else ("valid",)
+    for split in splits:
+        res = evaluate(model, dataset.eval_rows(split), dataset.n_items, EvalSettings())
+        summary[split] = res.metrics
+        table_rows[f"{cfg.model.name}/{split}"] = res.metrics
+    summary["table"] = format_table(table_rows)
+    print(f"\n[{name}] best checkpoint {best_dir} (step {summary['best_step']}), training wall time "
+          f"{train_seconds:.0f}s\n{summary['table']}\n", flush=True)
+    atomic_write_json(summary, Path(storage) / name / "summary.json")
+    return summary
+
+
+def _pythonpath() -> str:
+    """Workers must import seqrec even when it is not pip-installed (source checkout + PYTHONPATH)."""
+    src = str(Path(__file__).resolve().parents[2])
+    current = os.environ.get("PYTHONPATH", "")
+    return src if not current else (current if src in current.split(os.pathsep) else f"{src}{os.pathsep}{current}")
