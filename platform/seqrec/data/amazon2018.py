@@ -3,34 +3,38 @@
 Inputs are the JSON-lines files as distributed (gz or plain): reviews (`{Category}_5.json.gz` or a full
 review file) and metadata (`meta_{Category}.json.gz`).
 
-Pipeline (every step over review rows runs in Ray Data tasks, so it runs unchanged on a multi-node cluster;
-only per-item / per-user sized results come back to the driver, each marked where it happens):
+Every step over review rows runs in Ray Data tasks, so the pipeline runs unchanged on a multi-node cluster
+(given paths every node can read). What comes back to the driver is per-item or per-user sized, and each such
+place says so: item counts per k-core round, the deduped meta rows of the review items, a few status/sample
+rows per block, and finally the per-user sequences (the output tables themselves).
 
 1. Read raw lines with `JsonLinesTextDatasource` (a `FileBasedDatasource`: streaming gzip decompression,
-   split on b"\\n" only, bytes never decoded at read time) and parse them in `map_batches`. A line that is
+   split on b"\n" only, bytes never decoded at read time) and parse them in `map_batches`. A line that is
    not JSON (including invalid UTF-8 / binary junk), not an object, lacks reviewerID/asin, or has a
-   missing/non-numeric unixReviewTime is counted as malformed by reason, and a small sample is kept;
-   blank lines are counted separately (`blank_lines`) and are not malformed.
-2. Group users (into hash buckets of users, `groupby(bucket).map_groups`) and sort each user's events by
-   (unixReviewTime, asin), ties further broken by rating, review-text hash, file and line number, so the
-   order never depends on file layout or sharding. CALRec dedup: an event identical to an earlier event of
-   the same user in asin, rating, review text and timestamp is dropped (identical events are adjacent in
-   that order, so this is "identical to the previous one"); re-purchases at other times stay.
-   Each user becomes one row (items, timestamps).
-3. Metadata: parse, keep only lines for items that occur in the reviews, dedupe duplicate ASIN lines
+   missing/non-numeric unixReviewTime is counted as malformed by reason and the first few are kept as a
+   sample; blank lines are counted separately (`blank_lines`) and are not malformed.
+2. Co-locate each user's events (`groupby(hash bucket of reviewerID).map_groups`, vectorised per bucket) and
+   sort them by (unixReviewTime, asin), remaining ties by rating, review-text hash, file and line number, so
+   the order never depends on file layout or sharding. CALRec dedup: an event identical to an earlier event
+   of the same user in asin, rating, review text and timestamp is dropped (identical events are adjacent in
+   this order, so this is "identical to the previous one"); re-purchases at other times stay. Each user
+   becomes one row (items, timestamps).
+3. Metadata: parse, keep only lines of items that occur in the reviews, dedupe duplicate ASIN lines
    deterministically (a line whose own title is usable first, then the earliest file/line), clean the text
-   fields and compute the item text. Titles that clean to nothing (the 2018 meta has many HTML fragments
-   like `<span class="a-size-medium a-color-secondary"`) fall back to the first sentence of the description
-   (at most 20 words), then to brand + last category; the source of each title is reported.
-4. Optionally drop items without a usable title (before the k-core, so the k-core still holds).
-5. Iterative k-core (items with < min_item_count interactions and users with < min_user_count are removed,
-   repeated until stable); rows/users/items are reported for each round.
+   fields (HTML stripped, entities unescaped) and format the item text. Titles that clean to nothing (most
+   2018 meta titles are HTML fragments like `<span class="a-size-medium a-color-secondary"`) fall back to the
+   first sentence of the description (at most 20 words), then to brand + last category; the source of every
+   title is reported. A price that is not a price after cleaning (scraped CSS/JS) becomes empty. Categories
+   keep the full path, top level included.
+4. Optionally drop items without a usable title, before the k-core (so the k-core still holds).
+5. Iterative k-core until stable; rows/users/items are reported for each round.
 6. max_len: "trim" keeps each user's last max_len items, "filter" drops users longer than max_len.
-7. Dense indices (item_idx by sorted ASIN, user_idx by sorted reviewerID), leave-one-out split, written
-   with `write_prepared`.
+7. Dense indices (item_idx by sorted ASIN, user_idx by sorted reviewerID, both by code point), leave-one-out
+   split, written with `write_prepared`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -76,8 +80,15 @@ RAW_SAMPLE_CHARS = 200
 FALLBACK_TITLE_WORDS = 20
 TITLE_SOURCES = ("title", "description", "brand_category", "none")
 ROWS_PER_PARTITION = 250_000
+# Shuffles (map_groups over user / item buckets) use Ray's task-based sort shuffle. Ray 2.60's default
+# hash shuffle starts aggregator actors for every operation: on a 2-CPU machine the whole pipeline on the
+# raw sample took ~120 s with it vs ~12 s with this (10 shuffles). Both run unchanged on a multi-node cluster.
+SHUFFLE_STRATEGY = "sort_shuffle_pull_based"
 
 LINE_SCHEMA = pa.schema([("line", pa.binary()), ("src", pa.int32()), ("lineno", pa.int64())])
+# Parsed review rows. Besides one row per valid line (error == OK), each block adds one row per line status
+# with `count` set (how many lines of the block had it), and up to `malformed_sample` malformed lines with
+# `raw` set (the sample for the report); blank and malformed lines produce no other rows.
 EVENT_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -89,6 +100,7 @@ EVENT_SCHEMA = pa.schema(
         ("lineno", pa.int64()),
         ("error", pa.int8()),
         ("raw", pa.string()),
+        ("count", pa.int64()),
     ]
 )
 USER_ROW_SCHEMA = pa.schema(
@@ -101,6 +113,8 @@ USER_ROW_SCHEMA = pa.schema(
         ("cut", pa.int32()),
     ]
 )
+# Parsed meta rows: one per line of an item that occurs in the reviews (error == OK), plus status-count and
+# sample rows as in EVENT_SCHEMA; `bucket` is the hash bucket of the item (0 for status rows).
 META_SCHEMA = pa.schema(
     [
         ("item_id", pa.string()),
@@ -117,17 +131,13 @@ META_SCHEMA = pa.schema(
         ("lineno", pa.int64()),
         ("error", pa.int8()),
         ("raw", pa.string()),
-    ]
-)
-SUMMARY_SCHEMA = pa.schema(
-    [
-        ("error", pa.int8()),
         ("count", pa.int64()),
-        ("src", pa.int32()),
-        ("lineno", pa.int64()),
-        ("raw", pa.string()),
+        ("bucket", pa.int32()),
     ]
 )
+META_ITEM_COLUMNS = [
+    "item_id", "title", "brand", "categories", "price", "description", "text", "title_source", "price_invalid",
+]
 
 
 @dataclass
@@ -484,12 +494,38 @@ def empty_item_record(item_id: str, word_limits: dict[str, int] | None) -> dict[
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _parse_reviews_block(batch: pa.Table) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in EVENT_SCHEMA.names}
-    for raw, src, lineno in zip(
-        batch.column("line").to_pylist(), batch.column("src").to_pylist(), batch.column("lineno").to_pylist()
-    ):
+def _status_rows(statuses: list[int], srcs: list[int], linenos: list[int], raws: list[bytes], sample: int,
+                 schema: pa.Schema) -> pa.Table:
+    """Per-status line counts of one block, plus its first `sample` malformed lines (see EVENT_SCHEMA)."""
+    counts: dict[int, int] = {}
+    bad: list[int] = []
+    for i, status in enumerate(statuses):
+        counts[status] = counts.get(status, 0) + 1
+        if status in MALFORMED_CODES and len(bad) < sample:
+            bad.append(i)
+    n = len(counts) + len(bad)
+    cols: dict[str, Any] = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
+    cols["error"] = pa.array(list(counts) + [statuses[i] for i in bad], pa.int8())
+    cols["count"] = pa.array(list(counts.values()) + [None] * len(bad), pa.int64())
+    cols["src"] = pa.array([-1] * len(counts) + [srcs[i] for i in bad], pa.int32())
+    cols["lineno"] = pa.array([-1] * len(counts) + [linenos[i] for i in bad], pa.int64())
+    cols["raw"] = pa.array([None] * len(counts) + [_raw_sample(raws[i]) for i in bad], pa.string())
+    if "bucket" in cols:
+        cols["bucket"] = pa.array(np.zeros(n, np.int32))
+    return pa.table(cols, schema=schema)
+
+
+def _parse_reviews_block(batch: pa.Table, sample: int) -> pa.Table:
+    raws = batch.column("line").to_pylist()
+    srcs = batch.column("src").to_pylist()
+    linenos = batch.column("lineno").to_pylist()
+    statuses = []
+    cols: dict[str, list] = {name: [] for name in ("user_id", "item_id", "ts", "rating", "text_hash", "src", "lineno")}
+    for raw, src, lineno in zip(raws, srcs, linenos):
         status, user, item, ts, rating, thash = parse_review_line(raw)
+        statuses.append(status)
+        if status != OK:
+            continue
         cols["user_id"].append(user)
         cols["item_id"].append(item)
         cols["ts"].append(ts)
@@ -497,32 +533,23 @@ def _parse_reviews_block(batch: pa.Table) -> pa.Table:
         cols["text_hash"].append(thash)
         cols["src"].append(src)
         cols["lineno"].append(lineno)
-        cols["error"].append(status)
-        cols["raw"].append(_raw_sample(raw) if status in MALFORMED_CODES else None)
-    return pa.table(cols, schema=EVENT_SCHEMA)
+    n = len(cols["user_id"])
+    valid = pa.table(
+        {**cols, "error": pa.array(np.zeros(n, np.int8)), "raw": pa.nulls(n, pa.string()),
+         "count": pa.nulls(n, pa.int64())},
+        schema=EVENT_SCHEMA,
+    )
+    return pa.concat_tables([valid, _status_rows(statuses, srcs, linenos, raws, sample, EVENT_SCHEMA)])
 
 
-def _summarize_block(batch: pa.Table, sample: int) -> pa.Table:
-    """Line counts per status, plus the first `sample` malformed lines of the block (count 0)."""
-    errors = batch.column("error").to_numpy()
-    codes, counts = np.unique(errors, return_counts=True)
-    out = {
-        "error": codes.astype(np.int8).tolist(),
-        "count": counts.astype(np.int64).tolist(),
-        "src": [-1] * len(codes),
-        "lineno": [-1] * len(codes),
-        "raw": [None] * len(codes),
-    }
-    if sample:
-        bad = np.flatnonzero(np.isin(errors, MALFORMED_CODES))[:sample]
-        if len(bad):
-            rows = batch.select(["error", "src", "lineno", "raw"]).take(pa.array(bad))
-            out["error"] += rows.column("error").to_pylist()
-            out["count"] += [0] * len(bad)
-            out["src"] += rows.column("src").to_pylist()
-            out["lineno"] += rows.column("lineno").to_pylist()
-            out["raw"] += rows.column("raw").to_pylist()
-    return pa.table(out, schema=SUMMARY_SCHEMA)
+def _status_only_block(batch: pa.Table) -> pa.Table:
+    """The status-count and sample rows of a block (drops the data rows)."""
+    return batch.filter(_is_status_row(batch)).select(["error", "count", "src", "lineno", "raw"])
+
+
+def _is_status_row(batch: pa.Table) -> pa.Array:
+    """Status-count rows have `count`, sample rows `raw`; data rows have neither."""
+    return pc.or_(pc.is_valid(batch.column("count")), pc.is_valid(batch.column("raw")))
 
 
 def stable_bucket(values: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
@@ -536,7 +563,7 @@ def stable_bucket(values: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndar
 
 
 def _valid_events_block(batch: pa.Table, n_buckets: int) -> pa.Table:
-    batch = batch.filter(pc.equal(batch.column("error"), OK)).drop_columns(["error", "raw"])
+    batch = batch.filter(pc.invert(_is_status_row(batch))).drop_columns(["error", "raw", "count"])
     return batch.append_column("bucket", pa.array(stable_bucket(batch.column("user_id"), n_buckets)))
 
 
@@ -590,43 +617,47 @@ def _sort_dedup_bucket(group: pa.Table, dedup: bool) -> pa.Table:
     )
 
 
-ITEM_COUNT_SCHEMA = pa.schema([("item_id", pa.string()), ("count", pa.int64())])
+ITEM_COUNT_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("count", pa.int64()), ("min_len", pa.int64()), ("bucket", pa.int32())]
+)
 
 
-def _item_counts_block(batch: pa.Table, n_buckets: int) -> pa.Table:
-    """Partial interaction counts per item of one block, with the item's hash bucket."""
-    flat = batch.column("items").combine_chunks().flatten()
-    if len(flat) == 0:
-        return ITEM_COUNT_SCHEMA.append(pa.field("bucket", pa.int32())).empty_table()
-    counts = pc.value_counts(flat)
-    values = counts.field("values")
+def _item_counts_block(batch: pa.Table, n_buckets: int, banned_items, min_user: int) -> pa.Table:
+    """Partial interaction counts per item of one block of user rows, after `_filter_users_block`.
+
+    One extra row with a null item_id carries the block's number of users (`count`) and shortest sequence
+    (`min_len`), so one pass gives the round's item counts and its user statistics.
+    """
+    if banned_items is not None or min_user > 0:
+        batch = _filter_users_block(batch, banned_items, min_user)
+    flat = batch.column("items").combine_chunks().flatten() if batch.num_rows else pa.array([], pa.string())
+    lengths = batch.column("n").to_numpy() if batch.num_rows else np.zeros(0, np.int32)
+    if len(flat):
+        counts = pc.value_counts(flat)
+        values, numbers = counts.field("values"), pc.cast(counts.field("counts"), pa.int64())
+    else:
+        values, numbers = pa.array([], pa.string()), pa.array([], pa.int64())
+    n = len(values)
     return pa.table(
-        [values, pc.cast(counts.field("counts"), pa.int64()), pa.array(stable_bucket(values, n_buckets))],
-        names=["item_id", "count", "bucket"],
+        [
+            pa.concat_arrays([values, pa.nulls(1, pa.string())]),
+            pa.concat_arrays([numbers, pa.array([len(lengths)], pa.int64())]),
+            pa.array([None] * n + [int(lengths.min()) if len(lengths) else None], pa.int64()),
+            pa.array(np.append(stable_bucket(values, n_buckets), 0).astype(np.int32)),
+        ],
+        schema=ITEM_COUNT_SCHEMA,
     )
 
 
 def _sum_counts_bucket(group: pa.Table) -> pa.Table:
-    """Total count per item of one bucket of partial counts."""
+    """Total count per item of one bucket of partial counts (the null-item row sums the user counts)."""
     if group.num_rows == 0:
         return ITEM_COUNT_SCHEMA.empty_table()
-    total = group.group_by("item_id").aggregate([("count", "sum")])
-    return pa.table([total.column("item_id"), total.column("count_sum")], schema=ITEM_COUNT_SCHEMA)
-
-
-def _user_stats_block(batch: pa.Table) -> pa.Table:
-    """Partial per-block statistics of user rows (combined on the driver: one row per block)."""
-    n = batch.column("n").to_numpy() if batch.num_rows else np.zeros(0, np.int32)
-    dups = batch.column("n_dups").to_numpy() if batch.num_rows else np.zeros(0, np.int32)
+    total = group.group_by("item_id", use_threads=False).aggregate([("count", "sum"), ("min_len", "min")])
     return pa.table(
-        {
-            "users": [len(n)],
-            "rows": [int(n.sum())],
-            "min_len": [int(n.min()) if len(n) else None],
-            "max_len": [int(n.max()) if len(n) else None],
-            "dups": [int(dups.sum())],
-        },
-        schema=pa.schema([(c, pa.int64()) for c in ("users", "rows", "min_len", "max_len", "dups")]),
+        [total.column("item_id"), total.column("count_sum"), total.column("min_len_min"),
+         pa.array(np.zeros(total.num_rows, np.int32))],
+        schema=ITEM_COUNT_SCHEMA,
     )
 
 
@@ -689,10 +720,13 @@ def _limit_length_block(batch: pa.Table, max_len: int, mode: str) -> pa.Table:
     return _rebuild_user_rows(batch, keep, 0, cut=cut)
 
 
-def _parse_meta_block(batch: pa.Table, wanted: pa.Array, word_limits: dict[str, int] | None) -> pa.Table:
+def _parse_meta_block(batch: pa.Table, wanted, word_limits: dict[str, int] | None, sample: int,
+                      n_buckets: int) -> pa.Table:
     """Parse meta lines; clean only those whose asin occurs in the reviews (`wanted`)."""
     wanted = _resolve(wanted)
     raws = batch.column("line").to_pylist()
+    srcs = batch.column("src").to_pylist()
+    linenos = batch.column("lineno").to_pylist()
     statuses, objs, asins = [], [], []
     for raw in raws:
         status, obj = _load_object(raw)
@@ -702,36 +736,36 @@ def _parse_meta_block(batch: pa.Table, wanted: pa.Array, word_limits: dict[str, 
         statuses.append(status)
         objs.append(obj if status == OK else None)
         asins.append(asin)
-    asin_arr = pa.array(asins, pa.string())
-    matched = pc.fill_null(pc.is_in(asin_arr, value_set=wanted), False).to_numpy(zero_copy_only=False)
-    cols: dict[str, list] = {name: [] for name in META_SCHEMA.names}
-    record_fields = [f for f in META_SCHEMA.names if f not in ("src", "lineno", "error", "raw")]
-    for i, (raw, status, obj) in enumerate(zip(raws, statuses, objs)):
+    matched = pc.fill_null(pc.is_in(pa.array(asins, pa.string()), value_set=wanted), False)
+    matched = matched.to_numpy(zero_copy_only=False)
+    records = []
+    for i, status in enumerate(statuses):
         if status == OK and not matched[i]:
-            status = UNMATCHED
-        record = meta_record(obj, word_limits) if status == OK else None
-        for name in record_fields:
-            cols[name].append(record[name] if record is not None else None)
-        cols["error"].append(status)
-        cols["raw"].append(_raw_sample(raw) if status in MALFORMED_CODES else None)
-    cols["src"] = batch.column("src").combine_chunks()
-    cols["lineno"] = batch.column("lineno").combine_chunks()
-    return pa.table(cols, schema=META_SCHEMA)
-
-
-def _matched_meta_block(batch: pa.Table, n_buckets: int) -> pa.Table:
-    batch = batch.filter(pc.equal(batch.column("error"), OK)).drop_columns(["error", "raw"])
-    return batch.append_column("bucket", pa.array(stable_bucket(batch.column("item_id"), n_buckets)))
+            statuses[i] = UNMATCHED
+        elif status == OK:
+            record = meta_record(objs[i], word_limits)
+            record["src"], record["lineno"], record["error"] = srcs[i], linenos[i], OK
+            records.append(record)
+    table = pa.Table.from_pylist(records, schema=META_SCHEMA)
+    table = table.set_column(
+        table.schema.get_field_index("bucket"), "bucket", pa.array(stable_bucket(table.column("item_id"), n_buckets))
+    )
+    return pa.concat_tables([table, _status_rows(statuses, srcs, linenos, raws, sample, META_SCHEMA)])
 
 
 def _dedupe_meta_bucket(group: pa.Table) -> pa.Table:
-    """One meta line per ASIN: usable own title first, then fallback, then the earliest file/line."""
-    group = group.drop_columns(["bucket"])
+    """One meta line per ASIN: usable own title first, then fallback, then the earliest file/line.
+    Status rows pass through unchanged."""
     if group.num_rows == 0:
         return group
-    group = group.sort_by([(n, "ascending") for n in ("item_id", "priority", "src", "lineno")])
-    first = np.concatenate([[True], ~_adjacent_equal(group.column("item_id"))])
-    return group.filter(pa.array(first))
+    is_item = pc.invert(_is_status_row(group))
+    status_rows = group.filter(pc.invert(is_item))
+    items = group.filter(is_item)
+    if items.num_rows:
+        items = items.sort_by([(n, "ascending") for n in ("item_id", "priority", "src", "lineno")])
+        first = np.concatenate([[True], ~_adjacent_equal(items.column("item_id"))])
+        items = items.filter(pa.array(first))
+    return pa.concat_tables([items, status_rows])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -752,18 +786,21 @@ def _collect(ds, schema: pa.Schema | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default").combine_chunks()
 
 
-def _summary(parsed, sample: int, files: Sequence[str]) -> dict[str, Any]:
-    table = _collect(parsed.map_batches(_summarize_block, fn_kwargs={"sample": sample}, batch_format="pyarrow",
-                                        batch_size=None), SUMMARY_SCHEMA)
+STATUS_COLUMNS = pa.schema(
+    [("error", pa.int8()), ("count", pa.int64()), ("src", pa.int32()), ("lineno", pa.int64()), ("raw", pa.string())]
+)
+
+
+def _summary(status_rows: pa.Table, sample: int, files: Sequence[str]) -> dict[str, Any]:
+    """Line counts per status and the first `sample` malformed lines (by file, line) from status rows."""
     counts = {name: 0 for name in STATUS_NAMES.values()}
-    is_count = pc.equal(table.column("src"), -1).to_numpy(zero_copy_only=False)
-    errors = table.column("error").to_numpy()
-    number = table.column("count").to_numpy()
-    for code, c in zip(errors[is_count], number[is_count]):
+    is_count = pc.is_valid(status_rows.column("count")).to_numpy(zero_copy_only=False)
+    for code, c in zip(status_rows.column("error").to_numpy()[is_count], status_rows.column("count").to_numpy()[is_count]):
         counts[STATUS_NAMES[int(code)]] += int(c)
-    samples = table.filter(pa.array(~is_count)).sort_by([("src", "ascending"), ("lineno", "ascending")])
+    samples = status_rows.filter(pa.array(~is_count)).sort_by([("src", "ascending"), ("lineno", "ascending")])
     sample_rows = [
-        {"file": files[src] if 0 <= src < len(files) else None, "line": lineno, "reason": STATUS_NAMES[err], "text": raw}
+        {"file": files[src] if 0 <= src < len(files) else None, "line": lineno, "reason": STATUS_NAMES[err],
+         "text": raw}
         for err, src, lineno, raw in zip(
             samples.column("error").to_pylist(),
             samples.column("src").to_pylist(),
@@ -791,42 +828,39 @@ def _partitions(n_rows: int) -> int:
     return int(min(max(2, cpus, math.ceil(n_rows / ROWS_PER_PARTITION)), 1024))
 
 
-def _user_stats(users_ds) -> dict[str, int]:
-    table = _collect(users_ds.map_batches(_user_stats_block, batch_format="pyarrow", batch_size=None))
-    if table.num_rows == 0:
-        return {"users": 0, "rows": 0, "min_len": 0, "max_len": 0, "dups": 0}
+@dataclass
+class _Counts:
+    items: pa.Table  # item_id, count (one row per item; a per-item aggregate on the driver)
+    users: int
+    min_len: int
 
-    def total(name, fn):
-        value = fn(table.column(name)).as_py()
-        return int(value) if value is not None else 0
-
-    return {
-        "users": total("users", pc.sum),
-        "rows": total("rows", pc.sum),
-        "min_len": total("min_len", pc.min),
-        "max_len": total("max_len", pc.max),
-        "dups": total("dups", pc.sum),
-    }
+    @property
+    def rows(self) -> int:
+        return int(pc.sum(self.items.column("count")).as_py() or 0)
 
 
-def _item_counts(users_ds, partitions: int) -> pa.Table:
-    """Interactions per item. Collected to the driver: one row per item (a per-item aggregate).
-
-    Partial counts per block, then summed per hash bucket of items in map_groups (Ray's hash-aggregate
-    operator starts aggregator actors, which costs seconds per call; this path does not).
-    """
+def _count_items(users_ds, partitions: int, banned_items=None, min_user: int = 0) -> _Counts:
+    """Item counts (and user count / shortest sequence) of `users_ds` after removing `banned_items` and
+    users left with fewer than `min_user` items. One Ray execution: partial counts per block, summed per hash
+    bucket of items in map_groups (Ray's hash-aggregate operator starts aggregator actors, which costs seconds
+    per call; this path does not). The result is collected to the driver: one row per item."""
     table = _collect(
-        users_ds.map_batches(_item_counts_block, fn_kwargs={"n_buckets": 4 * partitions}, batch_format="pyarrow",
-                             batch_size=None)
+        users_ds.map_batches(
+            _item_counts_block,
+            fn_kwargs={"n_buckets": 4 * partitions, "banned_items": banned_items, "min_user": min_user},
+            batch_format="pyarrow",
+            batch_size=None,
+        )
         .groupby("bucket", num_partitions=partitions)
         .map_groups(_sum_counts_bucket, batch_format="pyarrow"),
         ITEM_COUNT_SCHEMA,
     )
-    return table.sort_by("item_id")
-
-
-def _map_users(users_ds, fn, **fn_kwargs):
-    return users_ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=None).materialize()
+    is_user_row = pc.is_null(table.column("item_id")).to_numpy(zero_copy_only=False)
+    user_rows = table.filter(pa.array(is_user_row))
+    items = table.filter(pa.array(~is_user_row)).select(["item_id", "count"]).sort_by("item_id")
+    min_len = pc.min(user_rows.column("min_len")).as_py() if user_rows.num_rows else None
+    return _Counts(items=items, users=int(pc.sum(user_rows.column("count")).as_py() or 0),
+                   min_len=int(min_len) if min_len is not None else 0)
 
 
 def prepare_amazon2018(
@@ -850,6 +884,25 @@ def prepare_amazon2018(
     if not review_files:
         raise FileNotFoundError("no review files given")
     ray = init_ray(address)
+    with _shuffle_strategy(SHUFFLE_STRATEGY):
+        return _prepare(ray, review_files, meta_files, Path(out_dir), options)
+
+
+@contextlib.contextmanager
+def _shuffle_strategy(strategy: str):
+    """Datasets created inside use `strategy` for their shuffles (each Dataset keeps a copy of the context)."""
+    from ray.data.context import DataContext
+
+    ctx = DataContext.get_current()
+    previous = ctx.shuffle_strategy
+    ctx.shuffle_strategy = strategy
+    try:
+        yield
+    finally:
+        ctx.shuffle_strategy = previous
+
+
+def _prepare(ray, review_files: list[Path], meta_files: list[Path], out_dir: Path, options: Amazon2018Options) -> dict:
     timings: dict[str, float] = {}
     t_start = t0 = time.perf_counter()
 
@@ -862,17 +915,21 @@ def prepare_amazon2018(
     word_limits = options.word_limits
     report: dict[str, Any] = {}
 
-    # 1. Read and parse reviews.
+    # 1. Read and parse reviews. The parsed rows stay in the object store (materialized), not on the driver.
     source = json_lines_datasource(review_files)
     review_paths = source.file_paths()
     parsed = (
         ray.data.read_datasource(source)
         # num_cpus differs from the read's so the two are not fused: the gz read of one file is sequential,
         # but parsing its blocks then runs in parallel tasks.
-        .map_batches(_parse_reviews_block, batch_format="pyarrow", batch_size=None, num_cpus=0.99)
+        .map_batches(_parse_reviews_block, fn_kwargs={"sample": options.malformed_sample},
+                     batch_format="pyarrow", batch_size=None, num_cpus=0.99)
         .materialize()
     )
-    report["reviews"] = _summary(parsed, options.malformed_sample, review_paths)
+    # Status counts and malformed samples: a few rows per block, collected to the driver.
+    status_rows = _collect(parsed.map_batches(_status_only_block, batch_format="pyarrow", batch_size=None),
+                           STATUS_COLUMNS)
+    report["reviews"] = _summary(status_rows, options.malformed_sample, review_paths)
     report["reviews"].pop("unmatched")
     n_valid = report["reviews"]["parsed"]
     log.info("parsed %d review lines: %d valid, %d malformed, %d blank", report["reviews"]["lines"], n_valid,
@@ -883,49 +940,44 @@ def prepare_amazon2018(
     lap("parse_reviews")
 
     # 2. Per-user sort + dedup, one row per user. Buckets of users keep map_groups calls few and vectorised.
-    buckets = 4 * partitions
     users = (
-        parsed.map_batches(_valid_events_block, fn_kwargs={"n_buckets": buckets}, batch_format="pyarrow",
+        parsed.map_batches(_valid_events_block, fn_kwargs={"n_buckets": 4 * partitions}, batch_format="pyarrow",
                            batch_size=None)
         .groupby("bucket", num_partitions=partitions)
         .map_groups(_sort_dedup_bucket, fn_kwargs={"dedup": options.dedup}, batch_format="pyarrow")
         .materialize()
     )
     del parsed
-    stats = _user_stats(users)
-    report["dedup"] = {"enabled": options.dedup, "removed": stats["dups"], "events_after": stats["rows"]}
+    counts = _count_items(users, partitions)
+    review_items = counts.items.column("item_id").combine_chunks()
+    report["dedup"] = {"enabled": options.dedup, "removed": n_valid - counts.rows, "events_after": counts.rows}
+    report["reviews"].update(users=counts.users, items=len(review_items))
     lap("sort_dedup")
 
-    # 3. Metadata for the review items.
-    item_counts = _item_counts(users, partitions)
-    review_items = item_counts.column("item_id").combine_chunks()
-    report["reviews"].update(users=stats["users"], items=len(review_items), events=stats["rows"])
+    # 3. Metadata of the review items: one row per item with meta, collected to the driver (per-item table).
+    meta_items = META_SCHEMA.empty_table().select(META_ITEM_COLUMNS)
+    meta_report: dict[str, Any] = {"files": [], "lines": 0}
     if meta_files:
         meta_source = json_lines_datasource(meta_files)
         meta_paths = meta_source.file_paths()
-        wanted = ray.put(review_items)
-        meta_parsed = (
+        meta_rows = _collect(
             ray.data.read_datasource(meta_source)
-            .map_batches(_parse_meta_block, fn_args=(wanted, word_limits), batch_format="pyarrow",
-                         batch_size=None, num_cpus=0.99)
-            .materialize()
-        )
-        meta_report = _summary(meta_parsed, options.malformed_sample, meta_paths)
-        meta_report["matched_lines"] = meta_report.pop("parsed")
-        meta_buckets = 4 * _partitions(meta_report["matched_lines"])
-        # One row per review item with meta: collected to the driver (a per-item table).
-        meta_items = _collect(
-            meta_parsed.map_batches(_matched_meta_block, fn_kwargs={"n_buckets": meta_buckets},
-                                    batch_format="pyarrow", batch_size=None)
-            .groupby("bucket", num_partitions=_partitions(meta_report["matched_lines"]))
+            .map_batches(
+                _parse_meta_block,
+                fn_kwargs={"wanted": ray.put(review_items), "word_limits": word_limits,
+                           "sample": options.malformed_sample, "n_buckets": 4 * partitions},
+                batch_format="pyarrow", batch_size=None, num_cpus=0.99,
+            )
+            .groupby("bucket", num_partitions=partitions)
             .map_groups(_dedupe_meta_bucket, batch_format="pyarrow"),
-            META_SCHEMA.remove(META_SCHEMA.get_field_index("raw")).remove(META_SCHEMA.get_field_index("error")),
+            META_SCHEMA,
         )
-        del meta_parsed
+        is_item = pc.invert(_is_status_row(meta_rows))
+        meta_report = _summary(meta_rows.filter(pc.invert(is_item)).select(STATUS_COLUMNS.names),
+                               options.malformed_sample, meta_paths)
+        meta_report["matched_lines"] = meta_report.pop("parsed")
+        meta_items = meta_rows.filter(is_item).select(META_ITEM_COLUMNS).sort_by("item_id")
         meta_report["duplicate_lines_dropped"] = meta_report["matched_lines"] - meta_items.num_rows
-    else:
-        meta_report = {"files": [], "lines": 0}
-        meta_items = META_SCHEMA.empty_table().drop_columns(["error", "raw"])
     meta_report["review_items"] = len(review_items)
     meta_report["review_items_with_meta"] = meta_items.num_rows
     meta_report["review_items_without_meta"] = len(review_items) - meta_items.num_rows
@@ -938,71 +990,77 @@ def prepare_amazon2018(
     untitled = pc.filter(review_items, pc.invert(pc.is_in(review_items, value_set=titled)))
     report["title_filter"] = {"enabled": options.drop_missing_title, "items_without_title": len(untitled),
                               "items_dropped": 0, "events_dropped": 0, "users_dropped": 0}
+    banned = pa.array([], pa.string())
+    min_user = 0
     if options.drop_missing_title and len(untitled):
-        users = _map_users(users, _filter_users_block, banned_items=ray.put(untitled), min_user=1)
-        after = _user_stats(users)
-        report["title_filter"].update(items_dropped=len(untitled), events_dropped=stats["rows"] - after["rows"],
-                                      users_dropped=stats["users"] - after["users"])
-        stats = after
-        item_counts = _item_counts(users, partitions)
+        banned, min_user = untitled, 1
+        after = _count_items(users, partitions, ray.put(banned), min_user)
+        report["title_filter"].update(items_dropped=len(untitled), events_dropped=counts.rows - after.rows,
+                                      users_dropped=counts.users - after.users)
+        counts = after
     lap("title_filter")
 
-    # 5. Iterative k-core.
+    # 5. Iterative k-core. Round r removes the items below min_item_count, then the users left below
+    # min_user_count. Removal is monotone, so the state after round r is `users` filtered once by the union of
+    # all items removed so far (and the user minimum): each round is one pass over `users`, nothing in between
+    # is materialized, and only the per-item counts come back to the driver.
     rounds = []
     while True:
-        below = item_counts.filter(pc.less(item_counts.column("count"), options.min_item_count)).column("item_id")
-        entry = {"round": len(rounds), "rows": stats["rows"], "users": stats["users"],
-                 "items": item_counts.num_rows, "items_below_min": len(below),
-                 "users_below_min": None}
+        below = counts.items.filter(pc.less(counts.items.column("count"), options.min_item_count)).column("item_id")
+        entry = {"round": len(rounds), "rows": counts.rows, "users": counts.users, "items": counts.items.num_rows,
+                 "items_below_min": len(below)}
         rounds.append(entry)
-        if stats["users"] == 0 or (len(below) == 0 and stats["min_len"] >= options.min_user_count):
-            entry["users_below_min"] = 0
-            break
         log.info("k-core round %d: %d rows, %d users, %d items (%d items below min)", entry["round"],
                  entry["rows"], entry["users"], entry["items"], len(below))
-        users = _map_users(users, _filter_users_block, banned_items=ray.put(below.combine_chunks()),
-                           min_user=options.min_user_count)
-        stats = _user_stats(users)
-        item_counts = _item_counts(users, partitions)
-    log.info("k-core stable after %d rounds: %d rows, %d users, %d items", len(rounds) - 1, stats["rows"],
-             stats["users"], item_counts.num_rows)
+        if counts.users == 0 or (len(below) == 0 and counts.min_len >= options.min_user_count):
+            break
+        banned = pa.concat_arrays([banned, below.combine_chunks()])
+        min_user = options.min_user_count
+        counts = _count_items(users, partitions, ray.put(banned), min_user)
+    final = rounds[-1]
     report["kcore"] = {"min_user_count": options.min_user_count, "min_item_count": options.min_item_count,
                        "rounds": rounds, "iterations": len(rounds) - 1}
-    if stats["users"] == 0:
+    if final["users"] == 0:
         raise ValueError(
             f"no interactions left after the {options.min_user_count}/{options.min_item_count} k-core filter "
             f"(and title filter); report so far: {json.dumps(report, default=str)[:2000]}"
         )
     lap("kcore")
 
-    # 6. Long sequences.
-    limit = {"max_len": options.max_len, "mode": options.long_sequences, "users_trimmed": 0,
-             "events_trimmed": 0, "users_filtered": 0, "events_filtered": 0}
-    if options.max_len is not None and stats["max_len"] > options.max_len:
-        users = _map_users(users, _limit_length_block, max_len=options.max_len, mode=options.long_sequences)
-    # The final per-user sequences come to the driver: they are the output tables.
-    sequences = _collect(users, USER_ROW_SCHEMA)
-    del users
+    # 6. Long sequences; the final per-user sequences come to the driver (they are the output tables).
+    final_users = users
+    if len(banned) or min_user:
+        final_users = final_users.map_batches(
+            _filter_users_block, fn_kwargs={"banned_items": ray.put(banned), "min_user": min_user},
+            batch_format="pyarrow", batch_size=None,
+        )
+    if options.max_len is not None:
+        final_users = final_users.map_batches(
+            _limit_length_block, fn_kwargs={"max_len": options.max_len, "mode": options.long_sequences},
+            batch_format="pyarrow", batch_size=None,
+        )
+    sequences = _collect(final_users, USER_ROW_SCHEMA)
+    del users, final_users
     cut = sequences.column("cut").to_numpy()
     lengths = sequences.column("n").to_numpy()
-    limit["users_trimmed"] = int((cut > 0).sum())
-    limit["events_trimmed"] = int(cut.sum())
-    limit["users_filtered"] = stats["users"] - sequences.num_rows
-    limit["events_filtered"] = stats["rows"] - int(lengths.sum()) - limit["events_trimmed"]
+    limit = {"max_len": options.max_len, "mode": options.long_sequences,
+             "users_trimmed": int((cut > 0).sum()), "events_trimmed": int(cut.sum()),
+             "users_filtered": final["users"] - sequences.num_rows}
+    limit["events_filtered"] = final["rows"] - int(lengths.sum()) - limit["events_trimmed"]
     report["long_sequences"] = limit
     lap("long_sequences")
 
     # 7. Dense indices, items table, split, write.
     items, seq_table, splits = _assemble(sequences, meta_items, options)
     title_sources = items.column("title_source").to_pylist()
-    counts = {s: title_sources.count(s) for s in TITLE_SOURCES}
+    title_counts = {s: title_sources.count(s) for s in TITLE_SOURCES}
     report["final"] = {
         "users": seq_table.num_rows,
         "items": items.num_rows,
         "interactions": int(lengths.sum()),
         "items_with_meta": int(pc.sum(pc.is_in(items.column("item_id"), value_set=meta_items.column("item_id"))).as_py() or 0),
-        "title_source": counts,
-        "fallback_titles": counts["description"] + counts["brand_category"],
+        "title_source": title_counts,
+        "fallback_titles": title_counts["description"] + title_counts["brand_category"],
         "invalid_prices_dropped": int(pc.sum(items.column("price_invalid")).as_py() or 0),
     }
     report["timings_s"] = timings
@@ -1051,7 +1109,7 @@ def _assemble(sequences: pa.Table, meta_items: pa.Table, options: Amazon2018Opti
         rows,
         schema=pa.schema(
             [("item_idx", pa.int32())]
-            + [f for f in META_SCHEMA if f.name not in ("priority", "src", "lineno", "error", "raw")]
+            + [META_SCHEMA.field(name) for name in META_ITEM_COLUMNS if name != "item_idx"]
         ),
     )
     seqs = np.split(item_index.to_numpy(), np.cumsum(lengths)[:-1]) if len(lengths) else []

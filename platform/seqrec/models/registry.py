@@ -37,12 +37,44 @@ def model_config_dict(model: torch.nn.Module) -> dict[str, Any]:
     return dataclasses.asdict(model.config)
 
 
+def save_state_dict(model: torch.nn.Module, path: str | Path) -> None:
+    """The full state dict as safetensors, robust to the two ways params share memory:
+    * tied weights (one tensor under two names): stored once, the other name recorded as an alias;
+    * params that are views into one flat buffer (DeepSpeed ZeRO flattens them): each is copied out, which
+      safetensors' own save_model refuses to do ("None is covering the entire storage").
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").clone().contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+
+
+def load_state_dict_into(model: torch.nn.Module, path: str | Path) -> None:
+    """Inverse of save_state_dict; strict (every key of the model must be present)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(path))
+    for name, target in aliases.items():
+        state[name] = state[target]
+    model.load_state_dict(state, strict=True)
+
+
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, config.json contents) from a checkpoint directory written by training."""
-    from safetensors.torch import load_model as st_load_model
-
     checkpoint_dir = Path(checkpoint_dir)
     meta = json.loads((checkpoint_dir / CONFIG_FILE).read_text())
     model = build_model(meta["model_name"], meta["model"], int(meta["n_items"]))
-    st_load_model(model, str(checkpoint_dir / WEIGHTS_FILE), strict=True, device=str(device))
+    load_state_dict_into(model, checkpoint_dir / WEIGHTS_FILE)
     return model.to(device).eval(), meta

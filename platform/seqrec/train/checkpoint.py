@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from seqrec.models.registry import CONFIG_FILE, WEIGHTS_FILE, load_model  # noqa: F401  (re-exported)
+from seqrec.models.registry import CONFIG_FILE, WEIGHTS_FILE, load_model, load_state_dict_into, save_state_dict  # noqa: F401
 
 TRAIN_STATE = "train_state.pt"
 
@@ -53,14 +53,11 @@ def atomic_json(obj: Any, path: str | Path) -> None:
 
 
 def save_weights(model: torch.nn.Module, directory: str | Path) -> None:
-    """Full state dict to model.safetensors. save_model de-duplicates tensors that share memory (tied
-    weights), which plain save_file refuses; our tied models reuse one tensor, so nothing is dropped."""
-    from safetensors.torch import save_model
-
+    """Full state dict to model.safetensors (tied weights kept as aliases; ZeRO flat-buffer views copied)."""
     path = Path(directory) / WEIGHTS_FILE
     tmp = _tmp_in(path)
     try:
-        save_model(model, tmp, metadata={"format": "pt"})
+        save_state_dict(model, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -75,9 +72,7 @@ def save_model_files(model: torch.nn.Module, directory: str | Path, meta: dict[s
 
 
 def load_weights_into(model: torch.nn.Module, directory: str | Path) -> None:
-    from safetensors.torch import load_model as st_load_model
-
-    st_load_model(model, str(Path(directory) / WEIGHTS_FILE), strict=True)
+    load_state_dict_into(model, Path(directory) / WEIGHTS_FILE)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import signal
 import tempfile
 import time
@@ -156,6 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise ValueError(f"unknown strategy {sc.strategy!r}")
 
     # identical initial weights on every rank; rank-specific RNG for dropout / masking afterwards
+    random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     dataset = PreparedDataset.load(config["dataset_path"])
@@ -170,6 +172,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resume_dir = None
     if resume is not None:
         resume_dir = resume.to_directory()  # a local copy every rank can read
+    elif config.get("resume_from"):
+        resume_dir = config["resume_from"]
+    if resume_dir is not None:
         load_weights_into(model, resume_dir)
     model.to(device)
     optimizer = make_optimizer(model, tc)
@@ -353,15 +358,13 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) ->
     env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath()}
     if sc.strategy == "deepspeed" and not sc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    resume = None
-    if cfg.run.resume_from:
-        from ray.train import Checkpoint
-
-        resume = Checkpoint.from_directory(str(Path(cfg.run.resume_from).resolve()))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": asdict(cfg), "dataset_path": dataset_path,
-                           "fail_marker": str(Path(storage) / name / ".fault_injected")},
+                           "fail_marker": str(Path(storage) / name / ".fault_injected"),
+                           # Train V2 dropped resume_from_checkpoint: the worker falls back to this directory
+                           # when Ray has no checkpoint of this run yet (a restart after a failure has one)
+                           "resume_from": str(Path(cfg.run.resume_from).resolve()) if cfg.run.resume_from else None},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
@@ -373,7 +376,6 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) ->
             worker_runtime_env={"env_vars": env},
         ),
         datasets={"train": train_ds},
-        resume_from_checkpoint=resume,
     )
     t0 = time.perf_counter()
     result = trainer.fit()

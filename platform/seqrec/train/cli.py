@@ -1,0 +1,45 @@
+"""`seqrec train --config NAME_OR_PATH [--set key.path=value ...]`; `register(subparsers)` adds the subcommand."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from seqrec.config import load_config, parse_overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a YAML path or a shipped name in configs/train/ (e.g. sasrec_scientific)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-3 --set scaling.num_workers=2")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
+    parser.add_argument("--resume-from", default=None, help="checkpoint directory to continue from")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from seqrec.train.config import ExperimentConfig
+    from seqrec.train.loop import run_experiment
+
+    overrides = parse_overrides(args.overrides)
+    if args.address:
+        overrides["run.address"] = args.address
+    if args.resume_from:
+        overrides["run.resume_from"] = args.resume_from
+    cfg = load_config(ExperimentConfig, args.config, subdir="train", overrides=overrides)
+    summary = run_experiment(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2, default=str))
+    return summary
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("train", help="train an ID model (SASRec, Bert4Rec/Flare ID) on Ray Train")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="seqrec-train", description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
