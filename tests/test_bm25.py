@@ -108,10 +108,11 @@ def test_dense_layouts_agree():
                 np.testing.assert_array_equal(ra, rb)
 
 
-def test_numpy_scatter_fallback_matches(monkeypatch):
+def test_numpy_kernel_fallback_matches(monkeypatch):
     index = BM25Index(HAND_CORPUS)
     fast = index.score_batch(HAND_QUERIES)
     monkeypatch.setattr(bm25_module, "_scatter_add", bm25_module._scatter_add_numpy)
+    monkeypatch.setattr(bm25_module, "_add_product", bm25_module._add_product_numpy)
     np.testing.assert_array_equal(index.score_batch(HAND_QUERIES), fast)
 
 
@@ -214,6 +215,15 @@ def test_add_or_update_matches_fresh_build(scientific):
     np.testing.assert_array_equal(index.score_batch(queries), BM25Index(updated).score_batch(queries))
     with pytest.raises(ValueError):
         index.add_or_update({index.n_docs + 1: "gap"})
+    # successive updates (append only, then replace only) still equal a fresh build
+    index.add_or_update({index.n_docs: "new microscope slide"})
+    index.add_or_update({0: "", 5: "microscope"})
+    updated = updated + ["new microscope slide"]
+    updated[0], updated[5] = "", "microscope"
+    np.testing.assert_array_equal(index.score_batch(queries), BM25Index(updated).score_batch(queries))
+    np.testing.assert_allclose(
+        index.score_batch(queries), reference_scores(reference(updated), queries), rtol=0, atol=TOL
+    )
 
 
 def test_score_batch_out_buffer():
@@ -242,3 +252,13 @@ def test_batch_sharing_postings_is_bitwise_exact(scientific):
     batch = index.score_batch(queries)
     for q, query in enumerate(queries):
         np.testing.assert_array_equal(batch[q], index.get_scores(query))
+
+
+def test_iter_scores_matches_score_batch():
+    index = BM25Index(HAND_CORPUS)
+    batch = index.score_batch(HAND_QUERIES)
+    seen = 0
+    for q, row in index.iter_scores(HAND_QUERIES):
+        np.testing.assert_array_equal(row, batch[q])
+        seen += 1
+    assert seen == len(HAND_QUERIES)

@@ -84,6 +84,11 @@ ROWS_PER_PARTITION = 250_000
 # hash shuffle starts aggregator actors for every operation: on a 2-CPU machine the whole pipeline on the
 # raw sample took ~120 s with it vs ~12 s with this (10 shuffles). Both run unchanged on a multi-node cluster.
 SHUFFLE_STRATEGY = "sort_shuffle_pull_based"
+# Reading (gzip + line split) costs a fraction of parsing (JSON + cleaning); with equal CPU shares a read task
+# would hold a whole CPU that the parse tasks need (1M-review benchmark, 2 CPUs: parse step 28 s -> see
+# benchmarks/bench_prepare.py). READ_CPUS + 2 * PARSE_CPUS = 2 lets one read and two parses share 2 CPUs.
+READ_CPUS = 0.25
+PARSE_CPUS = 0.875
 
 LINE_SCHEMA = pa.schema([("line", pa.binary()), ("src", pa.int32()), ("lineno", pa.int64())])
 # Parsed review rows. Besides one row per valid line (error == OK), each block adds one row per line status
@@ -851,6 +856,7 @@ def _count_items(users_ds, partitions: int, banned_items=None, min_user: int = 0
             batch_format="pyarrow",
             batch_size=None,
         )
+        .repartition(partitions)
         .groupby("bucket", num_partitions=partitions)
         .map_groups(_sum_counts_bucket, batch_format="pyarrow"),
         ITEM_COUNT_SCHEMA,
@@ -919,11 +925,12 @@ def _prepare(ray, review_files: list[Path], meta_files: list[Path], out_dir: Pat
     source = json_lines_datasource(review_files)
     review_paths = source.file_paths()
     parsed = (
-        ray.data.read_datasource(source)
-        # num_cpus differs from the read's so the two are not fused: the gz read of one file is sequential,
-        # but parsing its blocks then runs in parallel tasks.
+        # One read task per file (a gz stream cannot be split); it yields ~16 MB blocks as it goes.
+        ray.data.read_datasource(source, override_num_blocks=len(review_paths), num_cpus=READ_CPUS)
+        # Different num_cpus keep read and parse unfused: the read of one file is sequential, its blocks are
+        # then parsed by parallel tasks.
         .map_batches(_parse_reviews_block, fn_kwargs={"sample": options.malformed_sample},
-                     batch_format="pyarrow", batch_size=None, num_cpus=0.99)
+                     batch_format="pyarrow", batch_size=None, num_cpus=PARSE_CPUS)
         .materialize()
     )
     # Status counts and malformed samples: a few rows per block, collected to the driver.
@@ -940,9 +947,12 @@ def _prepare(ray, review_files: list[Path], meta_files: list[Path], out_dir: Pat
     lap("parse_reviews")
 
     # 2. Per-user sort + dedup, one row per user. Buckets of users keep map_groups calls few and vectorised.
+    # Every shuffle is preceded by repartition(partitions) (block split/merge, no shuffle): the sort shuffle
+    # behind groupby has as many map and reduce tasks as input blocks, i.e. blocks^2 pieces.
     users = (
         parsed.map_batches(_valid_events_block, fn_kwargs={"n_buckets": 4 * partitions}, batch_format="pyarrow",
                            batch_size=None)
+        .repartition(partitions)
         .groupby("bucket", num_partitions=partitions)
         .map_groups(_sort_dedup_bucket, fn_kwargs={"dedup": options.dedup}, batch_format="pyarrow")
         .materialize()
@@ -961,13 +971,14 @@ def _prepare(ray, review_files: list[Path], meta_files: list[Path], out_dir: Pat
         meta_source = json_lines_datasource(meta_files)
         meta_paths = meta_source.file_paths()
         meta_rows = _collect(
-            ray.data.read_datasource(meta_source)
+            ray.data.read_datasource(meta_source, override_num_blocks=len(meta_paths), num_cpus=READ_CPUS)
             .map_batches(
                 _parse_meta_block,
                 fn_kwargs={"wanted": ray.put(review_items), "word_limits": word_limits,
                            "sample": options.malformed_sample, "n_buckets": 4 * partitions},
-                batch_format="pyarrow", batch_size=None, num_cpus=0.99,
+                batch_format="pyarrow", batch_size=None, num_cpus=PARSE_CPUS,
             )
+            .repartition(partitions)
             .groupby("bucket", num_partitions=partitions)
             .map_groups(_dedupe_meta_bucket, batch_format="pyarrow"),
             META_SCHEMA,

@@ -68,7 +68,8 @@ class LastItemBM25:
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         last = last_items(batch).tolist()
         queries = [self.item_texts[i] if i >= 0 else "" for i in last]
-        return torch.from_numpy(np.asarray(self.index.score_batch(queries), dtype=np.float32))
+        # float64 as computed: BM25 ties (identical texts) stay exact ties, none are created by rounding
+        return torch.from_numpy(np.asarray(self.index.score_batch(queries), dtype=np.float64))
 
 
 class LastItemText:

@@ -30,7 +30,7 @@ class Scorer(Protocol):
 class EvalSettings:
     ndcg_ks: tuple[int, ...] = (10,)
     recall_ks: tuple[int, ...] = (1, 10)
-    memory_budget_mb: float = 256.0  # for one chunk's score matrix
+    memory_budget_mb: float = 256.0  # for one chunk's float32 score matrix (float64 scorers use twice that)
     max_batch_size: int = 1024
     max_len: int | None = None  # history truncation passed to the batch builder (None: model decides)
     mask_history: bool = False  # repeats are legitimate in these datasets, so off by default
@@ -90,7 +90,9 @@ def evaluate(
         part = rows.subset(slice(lo, lo + chunk))
         batch = make_batch(part.histories, part.targets, part.user_idx, max_len=max_len)
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores = model.score_all(batch).float()
+        scores = model.score_all(batch)
+        if scores.dtype not in (torch.float32, torch.float64):
+            scores = scores.float()  # half precision would create ties the model did not mean
         if scores.shape != (len(part), n_items):
             raise ValueError(f"score_all returned {tuple(scores.shape)}, expected ({len(part)}, {n_items})")
         if settings.mask_history:

@@ -45,6 +45,7 @@ it is vectorised and much cheaper than tokenising the catalog again. `rebuild(co
 from __future__ import annotations
 
 import re
+import threading
 from itertools import chain
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -76,6 +77,22 @@ def _map_tokens(flat: list[str], vocab: dict[str, int]) -> np.ndarray:
         return np.fromiter((vocab.setdefault(t, len(vocab)) for t in flat), dtype=np.int64, count=len(flat))
 
 
+_SCRATCH = threading.local()
+
+
+def scratch_buffer(n: int, slot: str) -> np.ndarray:
+    """A per-thread reusable float64 (n,) buffer (contents undefined). Fresh large arrays cost page faults
+    on every call (~1-2 ms per 3 MB here); reusing them keeps repeated scoring at memory speed. A slot must
+    only be used by code that is done with it before anything else on the thread can use the same slot."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.shape[0] != n:
+        buf = bufs[slot] = np.empty(n, dtype=np.float64)
+    return buf
+
+
 def _on_grid(x: np.ndarray) -> np.ndarray:
     """Round to the nearest multiple of 1/_GRID (exact power-of-two scaling, one rounding)."""
     return np.rint(x * _GRID) / _GRID
@@ -87,32 +104,49 @@ def _scatter_add_numpy(out, span, idx, weights, scale):
     out[idx[lo:hi]] += w if scale == 1.0 else w * scale  # doc ids within one list are unique
 
 
-def _make_scatter_add():
-    """out[idx[lo:hi]] += scale * weights[lo:hi] for one posting list, accumulating in place.
+def _add_product_numpy(out, h, x):
+    out += h * x
 
-    scipy's compiled csc_matvec does exactly this for a one-column CSC matrix whose column pointer is
-    span = [lo, hi] into the shared posting arrays: no copy, no temporary, ~2x faster than numpy fancy-index
-    add. It is scipy-internal, so it is checked once here and numpy is used if it is missing or differs.
+
+def _make_kernels():
+    """Two in-place accumulation kernels (scipy's compiled sparse mat-vec routines, no temporaries):
+
+    scatter_add(out, span, idx, weights, scale): out[idx[lo:hi]] += scale * weights[lo:hi]  (span = [lo, hi])
+        = csc_matvec of a one-column CSC matrix whose column pointer points into the shared posting arrays;
+    add_product(out, h, x): out += h * x  (elementwise) = dia_matvec of diag(h) times x.
+    They are scipy-internal, so they are probed once here against numpy, which replaces them if they are
+    missing or give any different bit (e.g. a build contracting to FMA): scores never depend on the path.
     """
     try:
         from scipy.sparse import _sparsetools
 
-        kernel = _sparsetools.csc_matvec
-        probe = np.zeros(4)
-        kernel(4, 1, np.array([1, 3], dtype=np.int32), np.array([9, 0, 2, 9], dtype=np.int32),
-               np.array([5.0, 1.0, 2.0, 5.0]), np.array([3.0]), probe)
-        if not np.array_equal(probe, [3.0, 0.0, 6.0, 0.0]):
-            raise RuntimeError("unexpected csc_matvec semantics")
+        csc_matvec, dia_matvec = _sparsetools.csc_matvec, _sparsetools.dia_matvec
+        rng = np.random.default_rng(0)
+        n = 257
+        idx = rng.permutation(n).astype(np.int32)
+        w, h, x, base = rng.random(n), rng.random(n), rng.random(n), rng.random(n)
+        got, want = base.copy(), base.copy()
+        csc_matvec(n, 1, np.array([3, n - 5], dtype=np.int32), idx, w, np.array([2.5]), got)
+        _scatter_add_numpy(want, np.array([3, n - 5]), idx, w, 2.5)
+        zero = np.array([0], dtype=np.int32)
+        dia_matvec(n, n, 1, n, zero, h, x, got)
+        _add_product_numpy(want, h, x)
+        if not np.array_equal(got, want):
+            raise RuntimeError("scipy kernels differ from numpy")
     except Exception:  # pragma: no cover - depends on the scipy build
-        return _scatter_add_numpy
+        return _scatter_add_numpy, _add_product_numpy
 
     def scatter_add(out, span, idx, weights, scale):
-        kernel(len(out), 1, span, idx, weights, np.array([scale]), out)
+        csc_matvec(len(out), 1, span, idx, weights, np.array([scale]), out)
 
-    return scatter_add
+    def add_product(out, h, x):
+        n = len(out)
+        dia_matvec(n, n, 1, n, zero, h, x, out)
+
+    return scatter_add, add_product
 
 
-_scatter_add = _make_scatter_add()
+_scatter_add, _add_product = _make_kernels()
 
 
 def _count_rows(token_lists: Sequence[list[str]], vocab: dict[str, int]) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -129,7 +163,11 @@ def _count_rows(token_lists: Sequence[list[str]], vocab: dict[str, int]) -> tupl
 
 
 class BM25Index:
-    """BM25Okapi-exact index over a fixed list of documents (item texts), indexed 0..n_docs-1."""
+    """BM25Okapi index over a list of documents (item texts), indexed 0..n_docs-1.
+
+    Scoring only reads the index, so concurrent scoring from several threads is safe; `add_or_update`
+    replaces its arrays one by one and must not run while another thread scores (build a new index or lock).
+    """
 
     def __init__(
         self,
@@ -225,6 +263,8 @@ class BM25Index:
         self._comp_ptr = np.concatenate([[0], np.cumsum(comp_len)]).astype(idx_dtype)  # (V+1,)
         self._comp_doc = (np.concatenate(comp_parts) if comp_parts else np.zeros(0)).astype(idx_dtype)
         self._comp_one = np.ones(len(self._comp_doc), dtype=np.float64)  # unit weights for the scatter
+        self._all_doc = np.arange(n_docs, dtype=idx_dtype)  # "every doc" list for row += total * h1
+        self._all_span = np.array([0, n_docs], dtype=idx_dtype)
 
     # ------------------------------------------------------------------ info
     @property
@@ -248,7 +288,7 @@ class BM25Index:
     def memory_bytes(self) -> int:
         arrays = [self._post_ptr, self._post_doc, self._post_w, self._counts.data, self._counts.indices,
                   self._counts.indptr, self._doc_len, self._h1, self._idf, self._df, self._comp_ptr,
-                  self._comp_doc, self._comp_one, self._qidf]
+                  self._comp_doc, self._comp_one, self._qidf, self._all_doc]
         return int(sum(a.nbytes for a in arrays))
 
     # ------------------------------------------------------------------ scoring
@@ -296,14 +336,13 @@ class BM25Index:
             return
         total = sum(dense_coef)  # exact (grid)
         lacking = [(t, v) for t, v in zip(dense_terms, dense_coef) if cptr[t + 1] > cptr[t]]
-        if not lacking:  # every doc has every dense query term: A_d = total
-            np.multiply(self._h1, total, out=work)
-        else:
-            work.fill(total)
-            for t, v in lacking:
-                _scatter_add(work, cptr[t:t + 2], self._comp_doc, self._comp_one, -v)
-            work *= self._h1
-        row += work
+        if not lacking:  # every doc has every dense query term: A_d = total; row += total * h1, one pass
+            _scatter_add(row, self._all_span, self._all_doc, self._h1, total)
+            return
+        work.fill(total)  # A_d
+        for t, v in lacking:
+            _scatter_add(work, cptr[t:t + 2], self._comp_doc, self._comp_one, -v)
+        _add_product(row, self._h1, work)  # row += h1 * A, one pass
 
     def _shared_postings(self, parsed: list[tuple[list[int], list[int]]]) -> tuple[np.ndarray | None, frozenset]:
         """Postings of the (term, count) pairs common to every query of a batch, summed once (or None)."""
@@ -323,7 +362,9 @@ class BM25Index:
             _scatter_add(base, ptr[t:t + 2], self._post_doc, self._post_w, float(c))
         return base, frozenset(shared)
 
-    def iter_scores(self, queries: Sequence[str], row: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_scores(
+        self, queries: Sequence[str], row: np.ndarray | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (q, (N,) scores of queries[q]) one query at a time, reusing one row buffer: the row is only
         valid until the next step. Keeps the working set to a few (N,) arrays (used by QRR)."""
         queries = list(queries)
@@ -333,9 +374,9 @@ class BM25Index:
             raise ValueError(f"row must be a contiguous float64 ({self._n_docs},) array")
         parsed = [self._query_terms(q) for q in queries]
         base, skip = self._shared_postings(parsed)
-        work = np.empty(self._n_docs, dtype=np.float64)
         for q, (terms, counts) in enumerate(parsed):
-            self._score_into(row, terms, counts, work, base, skip)
+            # the work buffer is only used inside one _score_into call, so interleaved generators may share it
+            self._score_into(row, terms, counts, scratch_buffer(self._n_docs, "bm25.work"), base, skip)
             yield q, row
 
     def score_batch(self, queries: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
@@ -354,7 +395,7 @@ class BM25Index:
             return out
         parsed = [self._query_terms(q) for q in queries]
         base, skip = self._shared_postings(parsed)
-        work = np.empty(self._n_docs, dtype=np.float64)
+        work = scratch_buffer(self._n_docs, "bm25.work")
         for q, (terms, counts) in enumerate(parsed):
             self._score_into(out[q], terms, counts, work, base, skip)
         return out
@@ -411,12 +452,13 @@ class BM25Index:
         keep_row = np.ones(n_old, dtype=bool)
         keep_row[idx[idx < n_old]] = False
         old_rows = np.repeat(np.arange(n_old, dtype=np.int64), np.diff(old.indptr))
-        keep = keep_row[old_rows]
-        dest = indptr[old_rows[keep]] + (np.flatnonzero(keep) - old.indptr[old_rows[keep]])
-        indices[dest] = old.indices[keep]
-        data[dest] = old.data[keep]
-        add_rows = np.repeat(idx, np.diff(add_counts.indptr))
-        dest = indptr[add_rows] + (np.arange(add_counts.nnz) - add_counts.indptr[:-1].repeat(np.diff(add_counts.indptr)))
+        kept_pos = np.flatnonzero(keep_row[old_rows])  # stored pairs of the rows that stay
+        r = old_rows[kept_pos]
+        dest = indptr[r] + (kept_pos - old.indptr[r])
+        indices[dest] = old.indices[kept_pos]
+        data[dest] = old.data[kept_pos]
+        add_pos = np.repeat(np.arange(len(idx), dtype=np.int64), np.diff(add_counts.indptr))
+        dest = indptr[idx[add_pos]] + (np.arange(add_counts.nnz) - add_counts.indptr[add_pos])
         indices[dest] = add_counts.indices
         data[dest] = add_counts.data
         self._counts = sp.csr_matrix((data, indices, indptr), shape=(n_new, max(n_vocab, 1)))

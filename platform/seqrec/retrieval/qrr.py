@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from seqrec.retrieval.bm25 import BM25Index, tokenize
+from seqrec.retrieval.bm25 import BM25Index, scratch_buffer, tokenize
 
 DEFAULT_N_PREDS = 10
 DEFAULT_EPSILON = 1.0 / 5000.0
@@ -98,6 +98,8 @@ def _qrr_into(texts: list[str], lps: np.ndarray, index: BM25Index, epsilon: floa
     """Steps 3-6, one sample at a time (its row stays in cache for the min/max/scale/max passes)."""
     if out.size == 0:
         return out
+    if row is None:  # safe to share per thread: this loop finishes with it before returning
+        row = scratch_buffer(out.size, "qrr.row")
     filled = False
     for p, scores in index.iter_scores(texts, row):
         filled = _merge_row(scores, lps[p], epsilon, out, first=not filled)

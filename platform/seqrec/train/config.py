@@ -8,7 +8,7 @@ from typing import Any
 @dataclass
 class DataConfig:
     path: str | None = None  # a prepared dataset directory (seqrec data prepare / demo)
-    unisrec_dir: str | None = None  # or raw UniSRec atomic files, prepared into cache_dir on first use
+    unisrec_dir: str | None = None  # or raw UniSRec atomic files (relative paths: from the working directory), prepared into cache_dir on first use
     cache_dir: str = "runs/data"
 
 
