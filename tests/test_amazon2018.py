@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqrec.data.amazon2018 import Amazon2018Options, find_raw_files, prepare_amazon2018
+from seqrec.data.amazon2018 import Amazon2018Options, _as_file_list, find_raw_files, prepare_amazon2018
 from seqrec.data.dataset import PreparedDataset
 
 CATEGORY = "Magazine_Subscriptions"
@@ -59,6 +59,10 @@ def test_find_raw_files(raw_sample, tmp_path):
     _write_lines(tmp_path / "meta_Books.json.gz", [b"{}"])
     (tmp_path / "notes.txt").write_text("x")
     assert find_raw_files(tmp_path) == ([tmp_path / "Books.json"], [tmp_path / "meta_Books.json.gz"])
+    # prepare_amazon2018 also takes directories (and URIs, passed through to Ray Data).
+    assert _as_file_list(tmp_path, "reviews") == [tmp_path / "Books.json"]
+    assert _as_file_list(str(tmp_path), "meta") == [tmp_path / "meta_Books.json.gz"]
+    assert _as_file_list(["s3://bucket/Books_5.json.gz"], "reviews") == ["s3://bucket/Books_5.json.gz"]
     with pytest.raises(FileNotFoundError):
         find_raw_files(tmp_path / "missing")
 
@@ -255,8 +259,11 @@ def test_kcore_known_answer(ray_session, tmp_path):
 def test_long_sequences(ray_session, tmp_path, mode):
     rows = [_review("short", f"i{k}", k) for k in range(3)] + [_review("long", f"i{k}", 10 + k) for k in range(6)]
     reviews = _write_lines(tmp_path / "L_5.json", rows)
-    report = prepare_amazon2018(reviews, None, tmp_path / "out", _no_filter(max_len=4, long_sequences=mode))
-    seqs = _sequences_by_user(PreparedDataset.load(tmp_path / "out"))
+    report = prepare_amazon2018(reviews, None, tmp_path / "out", _no_filter(max_len=4, long_sequences=mode),
+                                name=f"long-{mode}")
+    ds = PreparedDataset.load(tmp_path / "out")
+    assert ds.name == f"long-{mode}"
+    seqs = _sequences_by_user(ds)
     limit = report["long_sequences"]
     if mode == "trim":
         assert seqs == {"short": ["i0", "i1", "i2"], "long": ["i2", "i3", "i4", "i5"]}

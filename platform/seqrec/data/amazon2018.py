@@ -80,13 +80,17 @@ RAW_SAMPLE_CHARS = 200
 FALLBACK_TITLE_WORDS = 20
 TITLE_SOURCES = ("title", "description", "brand_category", "none")
 ROWS_PER_PARTITION = 250_000
-# Shuffles (map_groups over user / item buckets) use Ray's task-based sort shuffle. Ray 2.60's default
-# hash shuffle starts aggregator actors for every operation: on a 2-CPU machine the whole pipeline on the
-# raw sample took ~120 s with it vs ~12 s with this (10 shuffles). Both run unchanged on a multi-node cluster.
+# Shuffles (map_groups over user / item buckets) use Ray's task-based sort shuffle. With Ray 2.60's default
+# hash shuffle (aggregator actors per operation) each of the ~10 shuffles took 5-15 s on a shared 2-CPU
+# machine, some actors crashing and being retried; the raw sample took ~120 s instead of ~12 s. Both
+# strategies run unchanged on a multi-node cluster.
 SHUFFLE_STRATEGY = "sort_shuffle_pull_based"
+# Ray coalesces the read's ~16 MB chunks into blocks up to target_max_block_size (128 MiB by default): a 1M
+# review file became 5 blocks, i.e. at most 5 parse tasks. 32 MiB blocks give ~4x the parse parallelism.
+TARGET_MAX_BLOCK_BYTES = 32 << 20
 # Reading (gzip + line split) costs a fraction of parsing (JSON + cleaning); with equal CPU shares a read task
-# would hold a whole CPU that the parse tasks need (1M-review benchmark, 2 CPUs: parse step 28 s -> see
-# benchmarks/bench_prepare.py). READ_CPUS + 2 * PARSE_CPUS = 2 lets one read and two parses share 2 CPUs.
+# would hold a whole CPU slot that the parse tasks need. READ_CPUS + 2 * PARSE_CPUS = 2: on a 2-CPU machine
+# one read and two parse tasks run together.
 READ_CPUS = 0.25
 PARSE_CPUS = 0.875
 
@@ -217,19 +221,22 @@ def find_raw_files(input_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return reviews, meta
 
 
-def _as_file_list(spec: str | Path | Sequence[str | Path] | None, kind: str) -> list[Path]:
+def _as_file_list(spec: str | Path | Sequence[str | Path] | None, kind: str) -> list[Path | str]:
+    """Files named by `spec`: a file, a directory, a URI (kept as a string) or a list of those."""
     if spec is None:
         return []
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    files: list[Path] = []
+    files: list = []
     for item in specs:
+        if _is_uri(item):  # e.g. s3://bucket/Books_5.json.gz: a file, read by Ray Data's filesystem layer
+            files.append(str(item))
+            continue
         path = Path(item)
-        if path.is_dir():
-            reviews, meta = find_raw_files(path) if kind == "reviews" else ([], [])
-            if kind == "meta":
-                meta = [p for p in sorted(path.iterdir()) if p.is_file() and p.name.startswith("meta_")
-                        and _strip_json_suffix(p.name) is not None]
-            files.extend(reviews if kind == "reviews" else meta)
+        if path.is_dir() and kind == "reviews":
+            files.extend(find_raw_files(path)[0])
+        elif path.is_dir():
+            files.extend(p for p in sorted(path.iterdir())
+                         if p.is_file() and p.name.startswith("meta_") and _strip_json_suffix(p.name) is not None)
         elif path.is_file():
             files.append(path)
         else:
@@ -237,10 +244,15 @@ def _as_file_list(spec: str | Path | Sequence[str | Path] | None, kind: str) -> 
     return files
 
 
-def _dataset_name(review_files: Sequence[Path]) -> str:
+def _is_uri(item: str | Path) -> bool:
+    return isinstance(item, str) and "://" in item
+
+
+def _dataset_name(review_files: Sequence[Path | str]) -> str:
     names = []
     for path in review_files:
-        stem = _strip_json_suffix(path.name) or path.stem
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        stem = _strip_json_suffix(name) or name
         if stem.endswith("_5"):
             stem = stem[:-2]
         if stem not in names:
@@ -318,7 +330,7 @@ def json_lines_datasource(paths: Sequence[str | Path], **kwargs):
     global _DATASOURCE_CLASS
     if _DATASOURCE_CLASS is None:
         _DATASOURCE_CLASS = _make_datasource_class()
-    return _DATASOURCE_CLASS([str(Path(p).resolve()) for p in paths], **kwargs)
+    return _DATASOURCE_CLASS([str(p) if _is_uri(p) else str(Path(p).resolve()) for p in paths], **kwargs)
 
 
 def iter_raw_lines(path: str | Path) -> Iterator[bytes]:
@@ -875,12 +887,15 @@ def prepare_amazon2018(
     out_dir: str | Path,
     options: Amazon2018Options | None = None,
     address: str | None = None,
+    *,
+    name: str | None = None,
 ) -> dict:
     """Prepare raw Amazon 2018 files into `out_dir`; returns the report (also in meta.json under 'report').
 
     `reviews` / `meta`: a file, a list of files, or a directory (reviews: `find_raw_files` rules; meta: the
     `meta_*` files in it). `meta=None` prepares without item text (every title 'Unknown').
     `address`: Ray address to join (None starts or reuses a local instance, see `seqrec.ray_utils.init_ray`).
+    `name`: stored in meta.json; default: the category from the review file names (e.g. Magazine_Subscriptions).
     """
     from seqrec.ray_utils import init_ray
 
@@ -890,25 +905,29 @@ def prepare_amazon2018(
     if not review_files:
         raise FileNotFoundError("no review files given")
     ray = init_ray(address)
-    with _shuffle_strategy(SHUFFLE_STRATEGY):
-        return _prepare(ray, review_files, meta_files, Path(out_dir), options)
+    with _data_context(shuffle_strategy=SHUFFLE_STRATEGY, target_max_block_size=TARGET_MAX_BLOCK_BYTES):
+        return _prepare(ray, review_files, meta_files, Path(out_dir), options, name or _dataset_name(review_files))
 
 
 @contextlib.contextmanager
-def _shuffle_strategy(strategy: str):
-    """Datasets created inside use `strategy` for their shuffles (each Dataset keeps a copy of the context)."""
+def _data_context(**settings):
+    """Datasets created inside use these DataContext settings (each Dataset keeps a copy of the context);
+    the process-wide context is restored afterwards."""
     from ray.data.context import DataContext
 
     ctx = DataContext.get_current()
-    previous = ctx.shuffle_strategy
-    ctx.shuffle_strategy = strategy
+    previous = {name: getattr(ctx, name) for name in settings}
+    for name, value in settings.items():
+        setattr(ctx, name, value)
     try:
         yield
     finally:
-        ctx.shuffle_strategy = previous
+        for name, value in previous.items():
+            setattr(ctx, name, value)
 
 
-def _prepare(ray, review_files: list[Path], meta_files: list[Path], out_dir: Path, options: Amazon2018Options) -> dict:
+def _prepare(ray, review_files: list, meta_files: list, out_dir: Path, options: Amazon2018Options,
+             name: str) -> dict:
     timings: dict[str, float] = {}
     t_start = t0 = time.perf_counter()
 
@@ -1077,7 +1096,7 @@ def _prepare(ray, review_files: list[Path], meta_files: list[Path], out_dir: Pat
     report["timings_s"] = timings
     meta_json = {
         "source": SOURCE,
-        "name": _dataset_name(review_files),
+        "name": name,
         "options": asdict(options),
         "seed": options.seed,
         "raw_files": {"reviews": [str(p) for p in review_files], "meta": [str(p) for p in meta_files]},

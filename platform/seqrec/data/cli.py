@@ -31,7 +31,7 @@ def _prepare(args: argparse.Namespace) -> int:
             calrec_truncation=args.calrec_truncation, min_eval_len=args.min_eval_len, seed=args.seed,
         )
         reviews, meta = find_raw_files(args.input)
-        report = prepare_amazon2018(reviews, meta, args.out, options, address=args.address)
+        report = prepare_amazon2018(reviews, meta, args.out, options, address=args.address, name=args.name)
     print(json.dumps(report, indent=2, default=str))
     _print_stats(Path(args.out))
     return 0
