@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from seqrec.data.dataset import SplitOptions, leave_one_out, split_tables, write_prepared
+from seqrec.data.dataset import ITEM_SCHEMA, SplitOptions, leave_one_out, split_tables, write_prepared
 from seqrec.data.text import (
     CALREC_WORD_LIMITS,
     clean_text,
@@ -125,14 +125,9 @@ USER_ROW_SCHEMA = pa.schema(
 # Parsed meta rows: one per line of an item that occurs in the reviews (error == OK), plus status-count and
 # sample rows as in EVENT_SCHEMA; `bucket` is the hash bucket of the item (0 for status rows).
 META_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("title", pa.string()),
-        ("brand", pa.string()),
-        ("categories", pa.list_(pa.string())),
-        ("price", pa.string()),
-        ("description", pa.string()),
-        ("text", pa.string()),
+    # the prepared item columns (one definition, in dataset.ITEM_SCHEMA) minus the index assigned later
+    [f for f in ITEM_SCHEMA if f.name != "item_idx"]
+    + [
         ("title_source", pa.string()),
         ("price_invalid", pa.bool_()),
         ("priority", pa.int8()),

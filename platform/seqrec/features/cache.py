@@ -72,16 +72,13 @@ class CacheReport:
 
 class FeatureCache:
     def __init__(self, cache_dir: str | Path, encoder_name: str = "minilm", max_tokens: int = 64):
-        from seqrec.features.encoder import FrozenTextEncoder, encoder_fingerprint, resolve_encoder_path
+        from seqrec.features.encoder import encoder_cache_id, resolve_encoder_path
 
         self.encoder_name = encoder_name
         self.max_tokens = max_tokens
-        path = resolve_encoder_path(encoder_name)
-        # the id is computed without loading weights (FrozenTextEncoder.cache_id's formula)
-        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(encoder_name).name)
-        self.encoder_id = f"{slug}-{encoder_fingerprint(path)}-t{max_tokens}"
+        # the same id as FrozenTextEncoder.cache_id, computed without loading the weights
+        self.encoder_id = encoder_cache_id(encoder_name, resolve_encoder_path(encoder_name), max_tokens)
         self.dir = Path(cache_dir) / self.encoder_id
-        self._frozen_encoder_cls = FrozenTextEncoder
 
     def _existing(self) -> pa.Table | None:
         parts = sorted(self.dir.glob("part-*.parquet"))

@@ -44,6 +44,12 @@ def encoder_fingerprint(path: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def encoder_cache_id(name: str, path: str, max_tokens: int) -> str:
+    """Feature-cache id of an encoder: its name, a fingerprint of its weights and the token limit."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)
+    return f"{slug}-{encoder_fingerprint(path)}-t{max_tokens}"
+
+
 @dataclass
 class FrozenTextEncoder:
     """Tokenizer + encoder in eval mode; `encode(texts)` -> token embeddings (B, T, D) and mask (B, T)."""
@@ -80,8 +86,7 @@ class FrozenTextEncoder:
         return next(self.model.parameters()).device
 
     def cache_id(self) -> str:
-        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(self.name).name)
-        return f"{slug}-{encoder_fingerprint(self.path)}-t{self.max_tokens}"
+        return encoder_cache_id(self.name, self.path, self.max_tokens)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
