@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seqrec.data.batching import make_batch
-from seqrec.models.bert4rec import cloze_mask
+from seqrec.models.bert4rec import cloze_mask, positions_from_end
 from seqrec.models.chunked_softmax import chunked_cross_entropy
 from seqrec.models.layers import attention_mask, keep_recent
 from seqrec.models.packing import pack_sequences, padding_stats, split_windows
@@ -122,6 +122,33 @@ def test_packed_equals_alone(name):
     assert torch.allclose(hp, ha, atol=1e-5)
 
 
+def test_positions_from_end_hand_computed():
+    segments = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert positions_from_end(positions, segments).tolist() == [[2, 1, 0, 1, 0, 0], [5, 4, 3, 2, 1, 0]]
+
+
+@pytest.mark.parametrize("from_end", [False, True])
+def test_bert4rec_inference_equals_training_view_of_masked_last_item(from_end):
+    """score_all's query (history + mask token) is exactly the training input whose last item is masked."""
+    torch.manual_seed(0)
+    model = build_model("bert4rec", {**TINY, "positions_from_end": from_end}, 40).eval()
+    history = [np.array([3, 4, 5, 6]), np.array([10, 11])]
+    batch = make_batch(history, np.array([7, 12]), max_len=model.max_len)
+    query = model.user_vectors(batch)  # (2, D)
+    from seqrec.models.layers import attention_mask as am
+    from seqrec.models.packing import build_rows
+
+    inputs, targets = split_windows([np.array([3, 4, 5, 6, 7]), np.array([10, 11, 12])], model.packed_seq_len,
+                                    causal=False)
+    packed = build_rows(inputs, targets, [[0, 1]], width=10).batch(np.arange(1))
+    tokens = (packed["items"] + 1).clamp(min=0)
+    tokens[0, 4] = tokens[0, 7] = model.mask_token  # the last item of each packed sequence
+    positions = positions_from_end(packed["positions"], packed["segments"]) if from_end else packed["positions"]
+    h = model.encoder(tokens, positions, am(packed["segments"], False))[0]
+    assert torch.allclose(h[[4, 7]], query, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
 def test_model_smoke_learns(name):
     torch.manual_seed(0)
@@ -189,7 +216,12 @@ def test_shipped_train_configs_parse_and_build():
     names = sorted(p.stem for p in (CONFIG_DIR / "train").glob("*.yaml"))
     assert {"sasrec_scientific", "bert4rec_scientific", "tiny_demo"} <= set(names)
     assert {f"flare_id_{d}" for d in ("games", "office", "scientific", "music", "arts", "pets")} <= set(names)
+    from seqrec.train.calrec_loop import is_calrec_config, load_calrec_config
+
     for name in names:
+        if is_calrec_config(name):  # multi-stage LM configs: typed parse only (building loads an LM)
+            assert load_calrec_config(name).stages
+            continue
         cfg = load_config(ExperimentConfig, name, subdir="train")
         model = build_model(cfg.model.name, cfg.model.params, 10)
         assert hasattr(model, "loss") and hasattr(model, "score_all")

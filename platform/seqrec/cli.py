@@ -7,7 +7,8 @@ import os
 import sys
 
 # subcommand modules, each with register(subparsers); a module whose feature has not landed is skipped
-SUBCOMMAND_MODULES = ("seqrec.data.cli", "seqrec.eval.cli", "seqrec.train.cli", "seqrec.quickstart")
+SUBCOMMAND_MODULES = ("seqrec.data.cli", "seqrec.eval.cli", "seqrec.train.cli", "seqrec.tune.cli", "seqrec.quickstart",
+                      "seqrec.serve.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args) or 0)
+        result = args.func(args)
+        return result if isinstance(result, int) else 0  # `seqrec train` returns its summary dict
     except (FileNotFoundError, ValueError) as e:
         logging.getLogger("seqrec").error("%s", e)
         return 2

@@ -93,19 +93,27 @@ def resolve_config_path(name_or_path: str, subdir: str = "") -> Path:
     for candidate in (base / name_or_path, base / f"{name_or_path}.yaml"):
         if candidate.exists():
             return candidate
-    shipped = sorted(q.stem for q in base.rglob("*.yaml")) if base.exists() else []
+    shipped = sorted(q.relative_to(base).with_suffix("").as_posix() for q in base.rglob("*.yaml")) if base.exists() else []
     raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a shipped config; shipped: {shipped}")
 
 
-def load_config(cls: type[T], name_or_path: str, subdir: str = "", overrides: dict[str, Any] | None = None) -> T:
-    data = read_yaml(resolve_config_path(name_or_path, subdir))
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys ('train.lr', 'model.params.layers') in a nested mapping, in order; returns `data`."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {dotted!r}: {key!r} is {child!r}, not a mapping")
+            node = child
         node[leaf] = value
-    return from_dict(cls, data)
+    return data
+
+
+def load_config(cls: type[T], name_or_path: str, subdir: str = "", overrides: dict[str, Any] | None = None) -> T:
+    data = read_yaml(resolve_config_path(name_or_path, subdir))
+    return from_dict(cls, apply_overrides(data, overrides))
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:

@@ -69,6 +69,10 @@ def _train_default_model(dataset, workdir: Path, steps: int, seed: int):
 
 def _quickstart(args: argparse.Namespace) -> int:
     run_quickstart(args.workdir, args.users, args.items, args.seed, args.address, args.train_steps)
+    if args.serve:  # blocks until Ctrl-C: the service lives as long as this process's Ray instance
+        from seqrec.serve.cli import serve_quickstart
+
+        serve_quickstart(args.workdir, args.serve_port)
     return 0
 
 
@@ -80,4 +84,6 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--address", default=None, help="Ray cluster address (default: a fresh local instance)")
+    p.add_argument("--serve", action="store_true", help="end with the trained model served on 127.0.0.1 (Ctrl-C stops)")
+    p.add_argument("--serve-port", type=int, default=8000)
     p.set_defaults(func=_quickstart)

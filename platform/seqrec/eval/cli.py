@@ -21,7 +21,7 @@ def build_scorer(name: str, dataset):
     if path.is_dir():
         from seqrec.models.registry import load_model
 
-        model, _ = load_model(path)
+        model, _ = load_model(path, dataset=dataset)  # Flare: text features; CALRec: item texts
         return model
     raise ValueError(f"unknown model {name!r}: expected one of {sorted(BASELINES)} or a checkpoint directory")
 
@@ -39,26 +39,59 @@ def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, m
     results = {}
     for name in models:
         scorer = build_scorer(name, dataset)
-        result = evaluate(scorer, rows, dataset.n_items, settings)
-        label = getattr(scorer, "name", None) or Path(name).name
-        results[label] = {**result.as_dict(), "seconds_per_user": result.seconds / max(1, result.n_rows)}
+        # a CALRec checkpoint ranks its samples two ways (QRR-BM25, hierarchical match): one entry each;
+        # the samples are drawn once, so the first entry's seconds include the generation
+        views = scorer.scorers() if hasattr(scorer, "scorers") else {getattr(scorer, "name", None) or Path(name).name: scorer}
+        for label, view in views.items():
+            result = evaluate(view, rows, dataset.n_items, settings)
+            label = label if label not in results else f"{Path(name).name}:{label}"
+            results[label] = {**result.as_dict(), "seconds_per_user": result.seconds / max(1, result.n_rows)}
+            if hasattr(view, "match_report"):
+                results[label]["match_shares"] = view.match_report()
     return dataset, results
+
+
+def checkpoint_dataset(paths) -> str | None:
+    """The dataset recorded in a checkpoint's config.json (CALRec records it), for --dataset's default."""
+    for p in paths:
+        meta = Path(p) / "config.json"
+        if meta.exists():
+            found = json.loads(meta.read_text()).get("dataset_path")
+            if found:
+                return found
+    return None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from seqrec.eval.evaluator import format_table
 
     models = list(args.model or []) + list(args.checkpoint or [])
+    if args.critique:
+        from seqrec.eval.critique import run_critique_cli
+
+        return run_critique_cli(args, models)
     if not models:
         raise SystemExit("give at least one --model or --checkpoint")
+    dataset_path = args.dataset or checkpoint_dataset(models)
+    if not dataset_path:
+        raise SystemExit("--dataset is required (the checkpoints do not record one)")
+    if checkpoint_dataset(args.checkpoint or []) and "lir_bm25" not in models:
+        models.append("lir_bm25")  # CALRec's reference baseline, reported beside it
     dataset, results = run_evaluation(
-        args.dataset, models, args.split, args.max_users, args.seed, args.mask_history, args.memory_budget_mb
+        dataset_path, models, args.split, args.max_users, args.seed, args.mask_history, args.memory_budget_mb
     )
     print(f"dataset {dataset.name}: {results[next(iter(results))]['n_rows']} {args.split} rows, "
           f"{dataset.n_items} items, full ranking")
     print(format_table({name: r["metrics"] for name, r in results.items()}))
+    for name, r in results.items():
+        line = f"{name}: {r['seconds_per_user']:.3f} s/user"
+        if "match_shares" in r:
+            sh = r["match_shares"]
+            line += (f"; generations matching an item: {sh['any']:.3f} (4 fields {sh['level_4']:.3f}, 3 {sh['level_3']:.3f},"
+                     f" 2 {sh['level_2']:.3f}, title {sh['level_1']:.3f}) of {sh['n']}")
+        print(line)
     if args.out:
-        out = {"dataset": str(args.dataset), "split": args.split, "mask_history": args.mask_history, "results": results}
+        out = {"dataset": str(dataset_path), "split": args.split, "mask_history": args.mask_history, "results": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
@@ -69,7 +102,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="full-ranking NDCG/Recall/MRR (optimistic and pessimistic ties) of models on a split"
     )
-    p.add_argument("--dataset", required=True, help="a prepared dataset directory")
+    p.add_argument("--dataset", default=None, help="a prepared dataset directory (default: the one a CALRec checkpoint records)")
     p.add_argument("--model", action="append", help="baseline name (mostpop, lir, lir_bm25) or checkpoint dir; repeatable")
     p.add_argument("--checkpoint", action="append", help="a trained model's checkpoint directory; repeatable")
     p.add_argument("--split", default="test", choices=["valid", "test"])
@@ -78,4 +111,9 @@ def register(subparsers) -> None:
     p.add_argument("--mask-history", action="store_true", help="exclude history items (except the target) from ranking")
     p.add_argument("--memory-budget-mb", type=float, default=256.0, help="memory for one chunk of scores")
     p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--critique", default=None, metavar="VARIANTS",
+                   help="critiquing mode for one Flare checkpoint: variants among a,b,c,d,e (comma-separated, or 'all')")
+    p.add_argument("--category-source", default=None,
+                   help="critique mode: LC-Rec directory with proper category lists (default: the model's config)")
+    p.add_argument("--dump-users", type=int, default=3, help="critique mode: users in the qualitative dump")
     p.set_defaults(func=_evaluate)

@@ -33,8 +33,24 @@ class Bert4RecConfig:
     last_only_prob: float = 0.1
     tied_output: bool = True
     output_bias: bool = True
+    # Position ids counted from the END of each sequence (the last slot is 0), as in the original BERT4Rec whose
+    # left-padded inputs put the query slot at a fixed index. Counted from the start, the slot being predicted at
+    # test time (history + the validation item + mask) sits further right than any last position the user's own
+    # training sequence had; from the end it is always position 0.
+    positions_from_end: bool = False
     loss_chunk_items: int = 16384
     max_logit_elems: int = 2**24
+
+
+def positions_from_end(positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """(B, L) per-sequence positions counted from each sequence's last item (0) backwards; padding stays 0.
+
+    positions restart at 0 for every packed sequence, so a sequence's length is its largest position + 1."""
+    b, length = segments.shape
+    gid = torch.arange(b, device=segments.device)[:, None] * (length + 1) + segments  # unique id per (row, segment)
+    last = torch.zeros(b * (length + 1), dtype=positions.dtype, device=positions.device)
+    last = last.scatter_reduce(0, gid.flatten(), positions.flatten(), reduce="amax")  # largest position per segment
+    return torch.where(segments > 0, last[gid] - positions, torch.zeros_like(positions))
 
 
 def cloze_mask(segments: torch.Tensor, mask_prob: float, last_only_prob: float,
@@ -91,7 +107,10 @@ class Bert4Rec(nn.Module):
         items, segments = batch["items"], batch["segments"]
         masked = cloze_mask(segments, self.config.mask_prob, self.config.last_only_prob, generator)  # (B, L)
         tokens = torch.where(masked, torch.full_like(items, self.mask_token), (items + 1).clamp(min=0))
-        h = self.encoder(tokens, batch["positions"], attention_mask(segments, causal=False))  # (B, L, D)
+        positions = batch["positions"]
+        if self.config.positions_from_end:
+            positions = positions_from_end(positions, segments)
+        h = self.encoder(tokens, positions, attention_mask(segments, causal=False))  # (B, L, D)
         return chunked_cross_entropy(h[masked], self.item_table(), items[masked], self.out_bias,
                                      self.config.loss_chunk_items, self.config.max_logit_elems)
 
@@ -108,6 +127,8 @@ class Bert4Rec(nn.Module):
         tokens[rows, lengths] = self.mask_token  # mask token right after the last real item, (B, W+1)
         positions = torch.arange(width + 1, device=dev).expand(b, -1)
         segments = (positions <= lengths[:, None]).long()
+        if self.config.positions_from_end:  # the mask token (at index `lengths`) gets 0, its predecessor 1, ...
+            positions = (lengths[:, None] - positions).clamp(min=0)
         h = self.encoder(tokens, positions, attention_mask(segments, causal=False))
         return h[rows, lengths]  # (B, D)
 

@@ -15,12 +15,16 @@ import torch
 
 from seqrec.config import from_dict
 from seqrec.models.bert4rec import Bert4Rec, Bert4RecConfig
+from seqrec.models.calrec import CALRec, CALRecConfig
+from seqrec.models.flare import Flare, FlareConfig
 from seqrec.models.sasrec import SASRec, SASRecConfig
 
 MODELS: dict[str, tuple[type[torch.nn.Module], type]] = {
     "sasrec": (SASRec, SASRecConfig),
     "bert4rec": (Bert4Rec, Bert4RecConfig),
     "flare_id": (Bert4Rec, Bert4RecConfig),  # FLARE's name for its tuned Bert4Rec
+    "calrec": (CALRec, CALRecConfig),  # needs model.attach_catalog(item_texts) before scoring
+    "flare": (Flare, FlareConfig),  # Flare T+ID: + frozen text features, Perceiver, ID-text contrastive, critiques
 }
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -71,10 +75,27 @@ def load_state_dict_into(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model in eval mode, config.json contents) from a checkpoint directory written by training."""
+def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True) -> torch.nn.Module:
+    """Attach the catalog data a model reads besides its weights; the one place every consumer (training loop,
+    evaluator, serving) does it. Flare T+ID: the frozen encoder's item features (from the feature cache, encoding
+    only what is missing; `use_ray=False` encodes in-process). CALRec: the item texts. ID models: nothing."""
+    if getattr(model, "needs_item_features", False):
+        from seqrec.models.flare import load_flare_features
+
+        load_flare_features(model, dataset, use_ray=use_ray)
+    if hasattr(model, "attach_catalog"):
+        model.attach_catalog(dataset.item_texts())
+    return model
+
+
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dataset=None,
+               use_ray: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode, config.json contents) from a checkpoint directory written by training; with
+    `dataset` (a PreparedDataset), also bound to that catalog (bind_dataset)."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = json.loads((checkpoint_dir / CONFIG_FILE).read_text())
     model = build_model(meta["model_name"], meta["model"], int(meta["n_items"]))
     load_state_dict_into(model, checkpoint_dir / WEIGHTS_FILE)
+    if dataset is not None:
+        bind_dataset(model, dataset, use_ray=use_ray)
     return model.to(device).eval(), meta

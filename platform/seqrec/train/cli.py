@@ -20,6 +20,12 @@ def run(args: argparse.Namespace) -> dict:
     from seqrec.train.config import ExperimentConfig
     from seqrec.train.loop import run_experiment
 
+    from seqrec.train.calrec_loop import is_calrec_config, run_from_cli
+
+    if is_calrec_config(args.config):  # CALRec: multi-stage LM finetuning (train/calrec_loop.py)
+        summary = run_from_cli(args.config, args.overrides, args.address, args.resume_from)
+        print(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2, default=str))
+        return summary
     overrides = parse_overrides(args.overrides)
     if args.address:
         overrides["run.address"] = args.address

@@ -34,6 +34,7 @@ from seqrec.train.checkpoint import (
 from seqrec.train.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
+PG_RECORD = ".placement_groups"  # placement group ids of the run's worker groups (record_placement_group)
 SCORE_KEY = "val_score"  # the validation metric chosen by train.eval_metric, for Ray's checkpoint ranking
 
 
@@ -137,6 +138,22 @@ def experiment_meta(cfg: ExperimentConfig, model: torch.nn.Module, n_items: int)
     }
 
 
+def record_placement_group(path: str | os.PathLike) -> None:
+    """Append this worker group's placement group id to `path`.
+
+    A Train run started inside a Tune trial that Tune stops (ASHA) dies with the trial, but its placement group
+    is scoped to the job and outlives it; Ray Train V2's own cleaner needs the State API (dashboard). With the
+    id on record, the sweep driver frees it (seqrec.tune.runner.free_placement_groups).
+    """
+    from ray.util.placement_group import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(pg.id.hex() + "\n")
+
+
 # ------------------------------------------------------------------------------------- worker function
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
@@ -144,12 +161,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from seqrec.data.dataset import PreparedDataset
     from seqrec.eval.evaluator import EvalSettings, evaluate
-    from seqrec.models.registry import build_model
+    from seqrec.models.registry import bind_dataset, build_model
 
     cfg = from_dict(ExperimentConfig, config["experiment"])
     tc, sc = cfg.train, cfg.scaling
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0 and config.get("pg_record"):
+        record_placement_group(config["pg_record"])
     torch.set_num_threads(tc.threads_per_worker or max(1, int(sc.cpus_per_worker)))
     device = ray.train.torch.get_device() if sc.use_gpu else torch.device("cpu")
     use_ds = sc.strategy == "deepspeed"
@@ -162,6 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed(tc.seed)
     dataset = PreparedDataset.load(config["dataset_path"])
     model = build_model(cfg.model.name, cfg.model.params, dataset.n_items)
+    bind_dataset(model, dataset, use_ray=False)  # Flare T+ID: catalog text features (cache filled by the driver)
     torch.manual_seed(tc.seed + 1000 * (rank + 1))
 
     seqs = read_shard_sequences(ray.train.get_dataset_shard("train"))
@@ -332,8 +352,13 @@ def resolve_dataset(cfg: ExperimentConfig) -> str:
     raise ValueError("config needs data.path (prepared dataset) or data.unisrec_dir (raw UniSRec files)")
 
 
-def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) -> dict[str, Any]:
-    """Train with Ray Train, then evaluate the best checkpoint. Returns a summary dict (also saved as JSON)."""
+def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, callbacks: list | None = None,
+                   evaluate_best: bool = True) -> dict[str, Any]:
+    """Train with Ray Train, then evaluate the best checkpoint. Returns a summary dict (also saved as JSON).
+
+    `callbacks`: Ray Train callbacks (a Tune trial passes TuneReportCallback to forward every report);
+    `evaluate_best=False` skips the final evaluation (a sweep evaluates only its winner).
+    """
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -347,6 +372,11 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) ->
     init_ray(address=cfg.run.address)
     dataset_path = resolve_dataset(cfg)
     dataset = PreparedDataset.load(dataset_path)
+    from seqrec.models.registry import MODELS
+
+    model_cls = MODELS[cfg.model.name][0] if cfg.model.name in MODELS else None
+    if hasattr(model_cls, "prepare_params"):  # e.g. Flare: fill the text feature cache once, before the workers
+        cfg.model.params = model_cls.prepare_params(cfg.model.params, dataset)
     table = dataset.split("train")
     # several blocks so streaming_split can hand each worker a part without running any Ray Data task
     n_blocks = datasets_blocks or max(4 * sc.num_workers, 1)
@@ -362,6 +392,7 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) ->
         train_loop_per_worker,
         train_loop_config={"experiment": asdict(cfg), "dataset_path": dataset_path,
                            "fail_marker": str(Path(storage) / name / ".fault_injected"),
+                           "pg_record": str(Path(storage) / name / PG_RECORD),
                            # Train V2 dropped resume_from_checkpoint: the worker falls back to this directory
                            # when Ray has no checkpoint of this run yet (a restart after a failure has one)
                            "resume_from": str(Path(cfg.run.resume_from).resolve()) if cfg.run.resume_from else None},
@@ -374,6 +405,7 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) ->
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": env},
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": train_ds},
     )
@@ -390,7 +422,9 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None) ->
         "best_checkpoint": best_dir, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "seq_per_s_last": result.metrics.get("seq_per_s"),
     }
-    model, _ = load_model(best_dir)
+    if not evaluate_best:
+        return summary
+    model, _ = load_model(best_dir, dataset=dataset)
     table_rows = {}
     splits = ("valid", "test") if cfg.run.test else ("valid",)
     for split in splits:

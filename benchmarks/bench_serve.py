@@ -1,0 +1,269 @@
+"""Ray Serve benchmark on a trained model: load, fuzz, replica kill and model swap under load.
+
+    python benchmarks/bench_serve.py --checkpoint runs/train/sasrec_scientific/checkpoint_00000700 \
+        [--swap-to OTHER_CHECKPOINT] [--phases load,fuzz,faults,swap] [--requests 2000] [--concurrency 20]
+
+Starts a private local Ray instance and the seqrec app on loopback (a free port), drives it with an asyncio
+HTTP client in this process, prints the figures and writes benchmarks/results/serve_<time>.json.
+
+- load: `--requests` POST /recommend at `--concurrency` clients, histories from the dataset's test split;
+  p50/p95/p99 latency, throughput, errors. Repeated with critique text when the model takes critiques.
+- fuzz: >= 500 malformed requests (seqrec.serve.fuzz); every status must be 4xx; health checked after.
+- faults: two recommender replicas; one is SIGKILLed under load; failed share and time until Serve has
+  two healthy replicas again.
+- swap: the recommender's user_config is pointed at another checkpoint under load (in-place reconfigure);
+  failed requests (target 0) and the time until responses carry the new version.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(lat_s: list[float]) -> dict[str, float]:
+    a = np.asarray(lat_s) * 1000
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "max_ms": float(a.max())}
+
+
+async def drive(url: str, bodies: list, concurrency: int, path: str = "/recommend", on_progress=None) -> dict:
+    """Send every body (dict or raw bytes/str) with `concurrency` clients; latency and status per request."""
+    import aiohttp
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, b in enumerate(bodies):
+        queue.put_nowait((i, b))
+    lat = [0.0] * len(bodies)
+    status = [0] * len(bodies)
+    done_at = [0.0] * len(bodies)
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+
+    async def client(session):
+        while True:
+            try:
+                i, body = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            p, b = body if isinstance(body, tuple) else (path, body)
+            data = b if isinstance(b, (bytes, str)) else json.dumps(b)
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url + p, data=data, headers={"content-type": "application/json"}) as r:
+                    await r.read()
+                    status[i] = r.status
+            except Exception:
+                status[i] = -1  # connection error / timeout
+            lat[i] = time.perf_counter() - t0
+            done_at[i] = time.perf_counter()
+            if on_progress:
+                on_progress(i)
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"lat": lat, "status": status, "done_at": done_at, "wall_s": wall, "t0": t0}
+
+
+def load_summary(run: dict, n: int) -> dict:
+    ok = [l for l, s in zip(run["lat"], run["status"]) if s == 200]
+    errors = sum(s != 200 for s in run["status"])
+    out = {"requests": n, "errors": errors, "wall_s": round(run["wall_s"], 3), "throughput_rps": n / run["wall_s"]}
+    if ok:
+        out.update(percentiles(ok))
+    return out
+
+
+def recommend_bodies(histories, n: int, rng, k: int = 10, critique: bool = False, max_history: int = 200) -> list[dict]:
+    critiques = ["something cheaper", "a different brand please", "more like lab equipment",
+                 "I need safety gear instead", "smaller and portable"]
+    out = []
+    for i in rng.integers(0, len(histories), n):
+        h = histories[i][-max_history:].tolist()
+        body = {"history": h, "k": k}
+        if critique:
+            body["critique"] = critiques[int(i) % len(critiques)]
+        out.append(body)
+    return out
+
+
+def get(url: str, path: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url + path, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="checkpoint directory (or use --best-record)")
+    ap.add_argument("--best-record", help="best.json / summary.json")
+    ap.add_argument("--dataset", help="prepared dataset (default: the checkpoint's)")
+    ap.add_argument("--swap-to", help="second checkpoint of the same catalog for the swap phase")
+    ap.add_argument("--phases", default="load,fuzz,faults,swap")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=20)
+    ap.add_argument("--fuzz", type=int, default=600)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private Ray instance")
+    args = ap.parse_args()
+    phases = set(args.phases.split(","))
+
+    from ray import serve
+
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.serve.deploy import deploy_config, deployment_override, serve_config, with_model
+    from seqrec.serve.fuzz import malformed_requests
+
+    model = {"checkpoint": args.checkpoint} if args.checkpoint else {"best_record": args.best_record}
+    if args.dataset:
+        model["dataset"] = args.dataset
+    one = {"num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1}
+    settings = {"model": model, "max_batch_size": args.max_batch_size, "recommender": dict(one),
+                "bm25": dict(one, num_cpus=0.25), "ingress": dict(one, num_cpus=0.25)}
+    port = free_port()
+    config = serve_config(settings, "127.0.0.1", port)
+    dataset = PreparedDataset.load(config["applications"][0]["args"]["model"]["dataset"])
+    histories = dataset.eval_rows("test").histories
+    url = f"http://127.0.0.1:{port}"
+    import ray
+
+    # replica logs stay in Ray's log files: forwarding them to this driver would compete with the service for CPU
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    t0 = time.perf_counter()
+    deploy_config(config)
+    report: dict = {"dataset": str(dataset.path), "n_items": dataset.n_items, "deploy_s": time.perf_counter() - t0,
+                    "concurrency": args.concurrency, "cpus": os.cpu_count()}
+    info = get(url, "/version")["model"]
+    report["model"] = {k: info[k] for k in ("name", "version", "checkpoint", "critique", "new_items")}
+    print(f"serving {info['version']} ({dataset.n_items} items) at {url}; deployed in {report['deploy_s']:.1f}s")
+    rng = np.random.default_rng(0)
+
+    try:
+        if "load" in phases:
+            asyncio.run(drive(url, recommend_bodies(histories, 100, rng), args.concurrency))  # warm-up
+            for critique in (False, True):
+                if critique and not info["critique"]:
+                    report["load_critique"] = f"skipped: model {info['name']!r} takes no critiques"
+                    print(report["load_critique"])
+                    continue
+                load1 = os.getloadavg()[0]
+                run = asyncio.run(drive(url, recommend_bodies(histories, args.requests, rng, critique=critique),
+                                        args.concurrency))
+                s = load_summary(run, args.requests)
+                s["loadavg_1m_before"] = load1
+                s["loadavg_1m_after"] = os.getloadavg()[0]
+                key = "load_critique" if critique else "load"
+                report[key] = s
+                print(f"[{key}] {args.requests} requests, {args.concurrency} clients: p50 {s.get('p50_ms', 0):.1f} ms, "
+                      f"p95 {s.get('p95_ms', 0):.1f} ms, p99 {s.get('p99_ms', 0):.1f} ms, "
+                      f"{s['throughput_rps']:.0f} req/s, errors {s['errors']} (loadavg {load1:.2f})")
+
+        if "fuzz" in phases:
+            cases = malformed_requests(np.random.default_rng(1), args.fuzz, dataset.n_items)
+            run = asyncio.run(drive(url, [(p, b) for p, b in cases], args.concurrency))
+            statuses = run["status"]
+            codes = {str(c): statuses.count(c) for c in sorted(set(statuses))}
+            bad = [(cases[i][0], str(cases[i][1])[:120], s) for i, s in enumerate(statuses) if not 400 <= s < 500]
+            healthy = get(url, "/healthz")["status"] == "ok"
+            report["fuzz"] = {"requests": len(cases), "status_counts": codes, "non_4xx": len(bad), "examples": bad[:5],
+                              "healthy_after": healthy}
+            print(f"[fuzz] {len(cases)} malformed requests: status counts {codes}; non-4xx {len(bad)}; healthy after: {healthy}")
+
+        if "faults" in phases:
+            cfg2 = copy.deepcopy(config)
+            deployment_override(cfg2, "Recommender")["num_replicas"] = 2
+            deploy_config(cfg2)
+            pids, deadline = set(), time.time() + 60
+            while len(pids) < 2 and time.time() < deadline:
+                pids.add(get(url, "/version")["model"]["pid"])
+            victim = min(pids)
+            bodies = recommend_bodies(histories, args.requests, rng)
+            killed = {}
+
+            def on_progress(i, _n=[0]):
+                _n[0] += 1
+                if _n[0] == len(bodies) // 4 and not killed:
+                    os.kill(victim, signal.SIGKILL)
+                    killed["t"] = time.perf_counter()
+
+            run = asyncio.run(drive(url, bodies, args.concurrency, on_progress=on_progress))
+            failed = sum(s != 200 for s in run["status"])
+            # recovery: until Serve reports 2 healthy replicas again, one of them new
+            recovered = None
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                st = serve.status().applications["seqrec"].deployments["Recommender"]
+                if st.status == "HEALTHY" and st.replica_states.get("RUNNING", 0) == 2:
+                    recovered = time.perf_counter() - killed["t"]
+                    break
+                time.sleep(0.1)
+            after = [t - killed["t"] for t, s in zip(run["done_at"], run["status"]) if t > killed["t"]]
+            report["faults"] = {"requests": len(bodies), "failed": failed, "failed_share": failed / len(bodies),
+                                "killed_pid": victim, "recovery_s": recovered,
+                                "requests_completed_after_kill": len(after), **load_summary(run, len(bodies))}
+            print(f"[faults] killed recommender replica pid {victim} under load: {failed}/{len(bodies)} failed "
+                  f"({100 * failed / len(bodies):.2f}%), replacement running after "
+                  f"{recovered if recovered is None else round(recovered, 1)} s; p99 {report['faults'].get('p99_ms', 0):.1f} ms")
+            deploy_config(config)  # back to one replica
+
+        if "swap" in phases and args.swap_to:
+            before = get(url, "/version")["model"]
+            swapped = with_model(config, checkpoint=args.swap_to)
+            bodies = recommend_bodies(histories, args.requests, rng)
+            fired = {}
+
+            def on_progress(i, _n=[0]):
+                _n[0] += 1
+                if _n[0] == len(bodies) // 4 and not fired:
+                    fired["t"] = time.perf_counter()
+                    import threading
+
+                    threading.Thread(target=deploy_config, args=(swapped,), daemon=True).start()
+
+            run = asyncio.run(drive(url, bodies, args.concurrency, on_progress=on_progress))
+            after = get(url, "/version")["model"]
+            failed = sum(s != 200 for s in run["status"])
+            report["swap"] = {"from": before["version"], "to": after["version"], "failed": failed,
+                              "same_replica_pid": before["pid"] == after["pid"], **load_summary(run, len(bodies))}
+            print(f"[swap] {before['version']} -> {after['version']} under load: {failed}/{len(bodies)} failed, "
+                  f"replica reconfigured in place: {before['pid'] == after['pid']}; p99 {report['swap'].get('p99_ms', 0):.1f} ms")
+        elif "swap" in phases:
+            print("[swap] skipped: pass --swap-to CHECKPOINT")
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"serve_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

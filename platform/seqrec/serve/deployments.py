@@ -1,0 +1,324 @@
+"""Ray Serve deployments: the recommender, the BM25 search replica and the catalog store.
+
+Model and catalog are chosen by each deployment's `user_config` ({"checkpoint", "dataset"} / {"dataset"}),
+so a model swap is a user_config change: Serve calls `reconfigure` on the running replicas instead of
+restarting them. `reconfigure` loads the new model in a worker thread while the old one keeps serving,
+then swaps one reference; a batch already running finishes on the model it started with. A failed swap
+keeps the old model and reports the error in /version.
+
+Catalog additions (POST /items) go to `CatalogStore` (one replica, the ordered list of changes since the
+dataset was loaded). Recommender and BM25 replicas poll it every `catalog_sync_s` and apply new changes in
+order, so every replica, including ones started later or restarted after a crash, converges to the same
+item_idx assignment. The store keeps changes in memory: they survive replica restarts of the other
+deployments but not a restart of the store itself (persisting them is future work).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from seqrec.serve.config import ServeSettings, settings_from_dict
+from seqrec.serve.core import (
+    Catalog,
+    CatalogChange,
+    LoadedModel,
+    Prepared,
+    RequestError,
+    add_items_to_model,
+    load_for_serving,
+    rank,
+)
+
+log = logging.getLogger("seqrec.serve")
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit use)
+        return f"pid-{os.getpid()}"
+
+
+class _CatalogFollower:
+    """Mixin: a background task that pulls catalog changes from the store and applies them in order."""
+
+    store: Any
+    settings: ServeSettings
+    _sync_task: asyncio.Task | None = None
+
+    def _start_sync(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.catalog_sync_s)
+            try:
+                await self.sync_catalog()
+            except Exception:  # the store may be restarting; try again next period
+                log.warning("catalog sync failed", exc_info=True)
+
+    async def _changes_since(self, version: int) -> list[CatalogChange]:
+        rows = await self.store.changes_since.remote(version)
+        return [CatalogChange(**r) for r in rows]
+
+    async def sync_catalog(self) -> int:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------- store
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class CatalogStore:
+    """The ordered catalog changes (additions and text updates) since the dataset was loaded."""
+
+    def __init__(self) -> None:
+        self.dataset: str | None = None
+        self.index: dict[str, int] = {}
+        self.n_items = 0
+        self.changes: list[CatalogChange] = []
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        dataset = user_config["dataset"]
+        if dataset != self.dataset:  # a different catalog: earlier changes refer to other indices
+            catalog = Catalog.from_dataset(dataset)
+            self.dataset, self.index, self.n_items, self.changes = dataset, catalog.index, len(catalog), []
+
+    def version(self) -> int:
+        return len(self.changes)
+
+    def changes_since(self, version: int) -> list[dict[str, Any]]:
+        return [asdict(c) for c in self.changes[int(version):]]
+
+    def submit(self, items: list[dict[str, str]], allow_new: bool) -> dict[str, Any]:
+        """Validate all items first, then append their changes (all or nothing). Items: item_id, title, text."""
+        new_ids = [it["item_id"] for it in items if it["item_id"] not in self.index]
+        if new_ids and not allow_new:
+            shown = ", ".join(repr(i)[:40] for i in new_ids[:5])
+            return RequestError(422, f"the served model cannot rank items it was not trained on (no text path); "
+                                     f"unknown item_id(s) {shown}. Updating known items is allowed.").as_dict()
+        added, updated = [], []
+        for it in items:
+            idx = self.index.get(it["item_id"])
+            is_new = idx is None
+            if is_new:
+                idx = self.n_items
+                self.index[it["item_id"]] = idx
+                self.n_items += 1
+            change = CatalogChange(version=len(self.changes) + 1, item_idx=idx, item_id=it["item_id"],
+                                   title=it["title"], text=it["text"], is_new=is_new)
+            self.changes.append(change)
+            (added if is_new else updated).append({"item_idx": idx, "item_id": it["item_id"], "title": it["title"],
+                                                   "score": 0.0})
+        return {"added": added, "updated": updated, "catalog_version": len(self.changes)}
+
+
+# ------------------------------------------------------------------------------------------- recommender
+@serve.deployment
+class Recommender(_CatalogFollower):
+    """Ranks the catalog for a history with the model's `score_all`, batching concurrent requests."""
+
+    def __init__(self, settings: dict[str, Any], store) -> None:
+        import torch
+
+        self.settings = settings_from_dict(settings)
+        self.store = store
+        torch.set_num_threads(max(1, self.settings.torch_threads))
+        self._state: tuple[LoadedModel, Catalog] | None = None
+        self._lock = threading.Lock()  # model/catalog mutation (catalog sync) vs scoring threads
+        self._source: dict[str, Any] | None = None
+        self._last_error: str | None = None
+        self._swaps = 0
+        self._rank_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._rank_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the model named by user_config ({"checkpoint", "dataset"}) and swap it in."""
+        if user_config == self._source and self._state is not None:
+            return
+        try:
+            loaded = await asyncio.to_thread(load_for_serving, user_config["checkpoint"], user_config["dataset"],
+                                             self.settings.encoder)
+            catalog = await asyncio.to_thread(Catalog.from_dataset, user_config["dataset"])
+            changes = await self._changes_since(0)
+            await asyncio.to_thread(self._apply_changes, loaded, catalog, changes)
+        except Exception as e:
+            if self._state is None:
+                raise  # nothing to serve: fail the deployment with the loader's message
+            self._last_error = f"swap to {user_config.get('checkpoint')} failed: {type(e).__name__}: {e}"
+            log.error("%s; still serving %s", self._last_error, self._state[0].version)
+            return
+        old = self._state
+        with self._lock:
+            self._state = (loaded, catalog)
+        self._source, self._last_error = dict(user_config), None
+        self._swaps += old is not None
+        log.info("serving %s (%d items)%s", loaded.version, len(catalog),
+                 f", replaced {old[0].version}" if old else "")
+        self._start_sync()
+
+    def _apply_changes(self, loaded: LoadedModel, catalog: Catalog, changes: list[CatalogChange]) -> None:
+        new_texts = []
+        with self._lock:
+            for c in changes:
+                if c.version <= catalog.version:
+                    continue
+                catalog.apply(c)
+                if c.is_new:
+                    new_texts.append(c.text)
+            if new_texts and loaded.supports_new_items:
+                add_items_to_model(loaded, new_texts)
+
+    async def sync_catalog(self) -> int:
+        state = self._state
+        if state is None:
+            return 0
+        changes = await self._changes_since(state[1].version)
+        if changes:
+            await asyncio.to_thread(self._apply_changes, state[0], state[1], changes)
+        return state[1].version
+
+    def check_health(self) -> None:
+        if self._state is None:
+            raise RuntimeError("no model loaded")
+
+    def info(self) -> dict[str, Any]:
+        if self._state is None:
+            return {"ready": False, "error": self._last_error}
+        loaded, catalog = self._state
+        return {"ready": True, **loaded.info(), "catalog_version": catalog.version, "catalog_items": len(catalog),
+                "replica": _replica_id(), "pid": os.getpid(), "swaps": self._swaps, "last_swap_error": self._last_error,
+                "max_batch_size": self.settings.max_batch_size}
+
+    async def recommend(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """payload: history (item_idx/item_id list), k, critique (str|None), exclude_history. Validated for
+        shape by the ingress; here against the catalog and the model. Errors come back as {"error": ...}."""
+        state = self._state
+        if state is None:
+            return RequestError(503, "model is loading").as_dict()
+        loaded, catalog = state
+        try:
+            if payload.get("critique") is not None and not loaded.supports_critique:
+                raise RequestError(422, f"model {loaded.name!r} does not take critiques; "
+                                        "send the request without 'critique' or serve a model with text critique support")
+            prepared = Prepared(history=catalog.resolve(payload["history"]), k=int(payload["k"]),
+                                critique=payload.get("critique"), exclude_history=bool(payload.get("exclude_history")))
+        except RequestError as e:
+            return e.as_dict()
+        return await self._rank_batch(prepared)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _rank_batch(self, requests: list[Prepared]) -> list[dict[str, Any]]:
+        state = self._state
+        loaded, catalog = state
+        try:
+            results = await asyncio.to_thread(self._rank_locked, loaded, catalog, requests)
+        except Exception as e:  # a bug or a model error: every request of the batch gets the message
+            log.exception("ranking failed")
+            return [RequestError(500, f"ranking failed: {type(e).__name__}: {e}").as_dict()] * len(requests)
+        model = {"name": loaded.name, "version": loaded.version, "checkpoint": loaded.checkpoint}
+        for r in results:
+            r["model"] = model
+            r["catalog_version"] = catalog.version
+        return results
+
+    def _rank_locked(self, loaded: LoadedModel, catalog: Catalog, requests: list[Prepared]) -> list[dict[str, Any]]:
+        with self._lock:
+            return rank(loaded, catalog, requests)
+
+
+# ------------------------------------------------------------------------------------------- bm25
+@serve.deployment
+class BM25Search(_CatalogFollower):
+    """BM25 over the item texts (`seqrec.retrieval.bm25.BM25Index`): text search for the API and the
+    retrieval step of generative recommenders.
+
+    Hook for CALRec's generator deployment: call `top_k_batch(texts, k)` (or `score_queries`) through this
+    deployment's handle with the generated item texts, then merge the per-sample rankings with
+    `seqrec.retrieval.qrr` (quasi-round-robin). The generator itself is not built here.
+    """
+
+    def __init__(self, settings: dict[str, Any], store) -> None:
+        self.settings = settings_from_dict(settings)
+        self.store = store
+        self._state = None  # (BM25Index, Catalog)
+        self._lock = threading.Lock()  # add_or_update must not run while another thread scores
+        self._dataset: str | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        dataset = user_config["dataset"]
+        if dataset == self._dataset and self._state is not None:
+            return
+        state = await asyncio.to_thread(self._build, dataset)
+        changes = await self._changes_since(0)
+        await asyncio.to_thread(self._apply_changes, state, changes)
+        self._state, self._dataset = state, dataset
+        self._start_sync()
+
+    @staticmethod
+    def _build(dataset: str):
+        from seqrec.retrieval.bm25 import BM25Index
+
+        catalog = Catalog.from_dataset(dataset)
+        return BM25Index(catalog.texts), catalog
+
+    def _apply_changes(self, state, changes: list[CatalogChange]) -> None:
+        index, catalog = state
+        with self._lock:
+            todo = {}
+            for c in changes:
+                if c.version <= catalog.version:
+                    continue
+                catalog.apply(c)
+                todo[c.item_idx] = c.text
+            index.add_or_update(todo)
+
+    async def sync_catalog(self) -> int:
+        state = self._state
+        if state is None:
+            return 0
+        changes = await self._changes_since(state[1].version)
+        if changes:
+            await asyncio.to_thread(self._apply_changes, state, changes)
+        return state[1].version
+
+    def check_health(self) -> None:
+        if self._state is None:
+            raise RuntimeError("index not built")
+
+    def info(self) -> dict[str, Any]:
+        if self._state is None:
+            return {"ready": False}
+        index, catalog = self._state
+        return {"ready": True, "n_docs": index.n_docs, "vocab": index.vocab_size, "catalog_version": catalog.version,
+                "replica": _replica_id(), "pid": os.getpid()}
+
+    def search(self, query: str, k: int) -> dict[str, Any]:
+        from seqrec.retrieval.bm25 import tokenize
+
+        if not tokenize(query):
+            return RequestError(422, "query has no searchable words (letters or digits)").as_dict()
+        index, catalog = self._state
+        with self._lock:
+            idx, scores = index.top_k(query, k)
+            version = catalog.version
+            items = [catalog.describe(i, s) for i, s in zip(idx, scores) if s > 0]
+        return {"items": items, "catalog_version": version}
+
+    def top_k_batch(self, queries: list[str], k: int) -> list[tuple[list[int], list[float]]]:
+        """Per query: (item indices, BM25 scores) of the k best items (ties by lower index)."""
+        index, _ = self._state
+        with self._lock:
+            return [tuple(a.tolist() for a in index.top_k(q, k)) for q in queries]
+
+    def score_queries(self, queries: list[str]) -> np.ndarray:
+        """(Q, n_items) float64 BM25 scores, the input of quasi-round-robin merging."""
+        index, _ = self._state
+        with self._lock:
+            return index.score_batch(queries)

@@ -1,0 +1,410 @@
+"""CALRec's two-stage finetuning on Ray Train (CALRec 3.4), with the same DDP / DeepSpeed strategies as the
+ID models (`seqrec.train.loop`, whose optimizer, schedule, DeepSpeed and checkpoint helpers are reused).
+
+    stage 1 (multi-category): examples drawn from several prepared datasets, a dataset with |U| training
+            users being picked with probability |U|^0.3 / sum_d |U_d|^0.3 (flattens the category mix)
+    stage 2 (category-specific): starts from stage 1's best checkpoint (weights only: fresh optimizer,
+            schedule and step count), trains on the target dataset
+    after the last stage: its best checkpoint is evaluated on a seeded subset of test users with QRR-BM25,
+            hierarchical matching and LIR-BM25 (`seqrec.eval.cli.run_evaluation`, the shared evaluator)
+
+Where this departs from `train.loop`: examples are sampled, not packed. Every rank reads the (small) prepared
+datasets itself and draws example i of step s from an RNG seeded by (seed, rank, step), so a resumed run
+replays the same examples without any stream state; the LM sees one user per row (padding is cheap next to
+the LM's cost, and the contrastive terms need one user per row anyway).
+
+A config has the experiment sections of `train.config` except `data`/`train`, which move into `stages`:
+
+    name: calrec_tiny
+    model: {name: calrec, params: {...CALRecConfig}}
+    stages:
+      - {name: stage1, datasets: [{unisrec_dir: ...}, {lcrec_dir: ...}], train: {...TrainConfig}}
+      - {name: stage2, datasets: [{unisrec_dir: ...}], train: {...}}
+    scaling: {...}; run: {...}; eval_max_users: 64
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seqrec.config import from_dict, parse_overrides, read_yaml, resolve_config_path
+from seqrec.train.config import ModelSection, RunSection, ScalingSection, TrainConfig
+
+log = logging.getLogger(__name__)
+SCORE_KEY = "val_score"
+
+
+@dataclass
+class CALRecData:
+    """One dataset: a prepared directory, or raw files prepared into cache_dir on first use."""
+
+    path: str | None = None
+    unisrec_dir: str | None = None
+    lcrec_dir: str | None = None  # LC-Rec JSON, prepared with CALRec's word truncation
+    demo: dict[str, Any] | None = None  # seqrec.data.demo.DemoOptions fields
+    name: str | None = None  # the cache sub-directory (default: the raw directory's name)
+    cache_dir: str = "runs/data"
+
+
+@dataclass
+class CALRecStage:
+    name: str = "stage"
+    datasets: list[CALRecData] = field(default_factory=list)
+    eval_dataset: int = 0  # index in `datasets` used for validation (and test after the last stage)
+    sampling_power: float = 0.3  # dataset d sampled with probability |U_d|^power (CALRec: 0.3)
+    train: TrainConfig = field(default_factory=TrainConfig)  # packing fields are unused here
+
+
+@dataclass
+class CALRecExperimentConfig:
+    name: str = "calrec"
+    model: ModelSection = field(default_factory=lambda: ModelSection(name="calrec"))
+    stages: list[CALRecStage] = field(default_factory=list)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+    eval_max_users: int | None = 64  # test users evaluated after the last stage (None: all; generation is slow)
+    eval_seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ config
+def is_calrec_config(name_or_path: str) -> bool:
+    return "stages" in read_yaml(resolve_config_path(name_or_path, "train"))
+
+
+def load_calrec_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> CALRecExperimentConfig:
+    """Like `seqrec.config.load_config`, and a numeric key indexes a list: `stages.1.train.steps=50`."""
+    data = read_yaml(resolve_config_path(name_or_path, "train"))
+    for dotted, value in (overrides or {}).items():
+        node: Any = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    cfg = from_dict(CALRecExperimentConfig, data)
+    if not cfg.stages:
+        raise ValueError(f"{name_or_path}: a CALRec config needs at least one stage")
+    if cfg.model.name != "calrec":
+        raise ValueError(f"{name_or_path}: model.name must be 'calrec', got {cfg.model.name!r}")
+    for i, st in enumerate(cfg.stages):
+        if not st.datasets:
+            raise ValueError(f"stages[{i}] has no datasets")
+        if not 0 <= st.eval_dataset < len(st.datasets):
+            raise ValueError(f"stages[{i}].eval_dataset {st.eval_dataset} out of range")
+    return cfg
+
+
+def resolve_data(d: CALRecData) -> str:
+    """The prepared directory of a dataset entry, preparing it (once) if needed."""
+    given = [k for k in ("path", "unisrec_dir", "lcrec_dir", "demo") if getattr(d, k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"a dataset entry needs exactly one of path, unisrec_dir, lcrec_dir, demo; got {given or 'none'}")
+    if d.path:
+        return str(Path(d.path).resolve())
+    raw = Path(d.unisrec_dir or d.lcrec_dir or "demo")
+    name = d.name or (f"{raw.name}_lcrec_calrec" if d.lcrec_dir else raw.name)
+    out = Path(d.cache_dir).resolve() / name
+    if not (out / "meta.json").exists():
+        if d.unisrec_dir:
+            from seqrec.data.unisrec import prepare_unisrec
+
+            prepare_unisrec(raw, out)
+        elif d.lcrec_dir:
+            from seqrec.data.lcrec import LCRecOptions, prepare_lcrec
+
+            prepare_lcrec(raw, out, LCRecOptions(calrec_truncation=True))
+        else:
+            from seqrec.data.demo import DemoOptions, generate_demo
+
+            generate_demo(out, from_dict(DemoOptions, dict(d.demo), where="demo"))
+    return str(out)
+
+
+def sampling_weights(n_users: list[int], power: float) -> np.ndarray:
+    """CALRec's category sampling rate: p_d proportional to |U_d|^power."""
+    w = np.asarray(n_users, dtype=np.float64) ** power
+    if not (w.sum() > 0):
+        raise ValueError(f"no training users in {n_users}")
+    return w / w.sum()
+
+
+# ------------------------------------------------------------------------------------- worker function
+def calrec_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.eval.evaluator import EvalSettings, evaluate
+    from seqrec.models.calrec import sample_training_examples
+    from seqrec.models.registry import build_model
+    from seqrec.train.checkpoint import TRAIN_STATE, atomic_torch_save, load_state, load_weights_into, save_model_files
+    from seqrec.train.deepspeed_utils import full_parameters
+    from seqrec.train.loop import broadcast, lr_lambda, make_optimizer
+
+    cfg = from_dict(CALRecExperimentConfig, config["experiment"])
+    stage = cfg.stages[config["stage_index"]]
+    tc, sc = stage.train, cfg.scaling
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tc.threads_per_worker or max(1, int(sc.cpus_per_worker)))
+    device = ray.train.torch.get_device() if sc.use_gpu else torch.device("cpu")
+    use_ds = sc.strategy == "deepspeed"
+    if sc.strategy not in ("ddp", "deepspeed"):
+        raise ValueError(f"unknown strategy {sc.strategy!r}")
+
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    datasets = [PreparedDataset.load(p) for p in config["dataset_paths"]]
+    eval_ds = datasets[stage.eval_dataset]
+    model = build_model("calrec", cfg.model.params, eval_ds.n_items)
+    torch.manual_seed(tc.seed + 1000 * (rank + 1))
+    item_tokens = [model.prompts.encode_items(ds.item_texts()) for ds in datasets]
+    sequences = [ds.train_sequences() for ds in datasets]
+    weights = sampling_weights([sum(len(s) >= 2 for s in seqs) for seqs in sequences], stage.sampling_power)
+    if rank == 0:
+        print(f"[calrec:{stage.name}] datasets {[ds.name for ds in datasets]} sampling rates "
+              f"{np.round(weights, 4).tolist()}", flush=True)
+
+    state = {"step": 0, "best_score": -math.inf, "best_step": 0, "evals_since_best": 0, "elapsed_s": 0.0}
+    resume = ray.train.get_checkpoint()
+    resume_dir = resume.to_directory() if resume is not None else None
+    if resume_dir is not None:
+        load_weights_into(model, resume_dir)
+    elif config.get("init_from"):  # stage 2 starts from stage 1's weights only
+        load_weights_into(model, config["init_from"])
+        if rank == 0:
+            print(f"[calrec:{stage.name}] initialised from {config['init_from']}", flush=True)
+    model.to(device)
+    optimizer = make_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    engine = None
+    if use_ds:
+        from seqrec.train import deepspeed_utils
+
+        deepspeed_utils.ensure_env(sc.use_gpu)
+        ds_cfg = deepspeed_utils.build_config(sc.deepspeed_config, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
+                                              use_gpu=sc.use_gpu, zero_stage=sc.zero_stage)
+        engine, _ = deepspeed_utils.initialize(model, optimizer, ds_cfg)
+        train_module = engine
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_module = model
+    if resume_dir is not None:
+        ts = load_state(Path(resume_dir) / TRAIN_STATE)
+        state.update(ts["state"])
+        scheduler.load_state_dict(ts["scheduler"])
+        if use_ds:
+            engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+        else:
+            optimizer.load_state_dict(ts["optimizer"])
+
+    valid_rows = eval_ds.eval_rows("valid")
+    if tc.valid_max_rows and len(valid_rows) > tc.valid_max_rows:
+        valid_rows = valid_rows.subset(np.sort(np.random.default_rng(tc.seed).permutation(len(valid_rows))[: tc.valid_max_rows]))
+    if rank == 0:
+        model.attach_catalog(eval_ds.item_texts())
+    meta = {"model_name": "calrec", "model": asdict(model.config), "n_items": int(eval_ds.n_items),
+            "experiment": asdict(cfg), "stage": stage.name, "dataset_path": config["dataset_paths"][stage.eval_dataset]}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (sc.use_gpu and not use_ds) else None
+
+    from seqrec.train.deepspeed_utils import zero_stage
+
+    shadow = None  # ZeRO-3: rank 0 validates a plain copy (see below)
+
+    def validate_and_checkpoint(report: dict[str, float]) -> bool:
+        nonlocal shadow
+        metrics = None
+        if zero_stage(engine) == 3:
+            # Generation runs forwards in an order ZeRO-3's parameter prefetcher did not trace, and its hooks
+            # issue collectives that the other ranks never join (a hang). So rank 0 copies the gathered
+            # weights into a hook-free model and samples from that while the others wait at the broadcast.
+            with full_parameters(engine, model):
+                if rank == 0:
+                    if shadow is None:
+                        shadow = build_model("calrec", asdict(model.config), eval_ds.n_items).to(device)
+                        shadow.attach_catalog(eval_ds.item_texts())
+                    shadow.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+            scorer = shadow
+        else:
+            scorer = model
+        if rank == 0:
+            scorer.reset_samples()  # new weights: new samples
+            metrics = evaluate(scorer, valid_rows, eval_ds.n_items, EvalSettings(), device).metrics
+            model.train()
+        metrics = broadcast(metrics, world)
+        score = float(metrics[tc.eval_metric])
+        if score > state["best_score"]:
+            state.update(best_score=score, best_step=state["step"], evals_since_best=0)
+        else:
+            state["evals_since_best"] += 1
+        full = {**report, "step": state["step"], SCORE_KEY: score, "best_score": state["best_score"],
+                "best_step": state["best_step"], **{f"val/{k}": v for k, v in metrics.items()}}
+        with tempfile.TemporaryDirectory(prefix="seqrec_calrec_ckpt_") as tmp:
+            with full_parameters(engine, model):
+                if rank == 0:
+                    save_model_files(model, tmp, meta)
+            if rank == 0:
+                atomic_torch_save({"state": dict(state), "scheduler": scheduler.state_dict(),
+                                   "optimizer": None if use_ds else optimizer.state_dict()}, Path(tmp) / TRAIN_STATE)
+            if use_ds:
+                ds_dir = Path(tmp) / "deepspeed"
+                ds_dir.mkdir(exist_ok=True)
+                engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
+            ray.train.report(full, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+        if rank == 0:
+            print(f"[calrec:{stage.name}] valid step {state['step']} ({len(valid_rows)} users) {tc.eval_metric}={score:.4f} "
+                  f"best={state['best_score']:.4f}@{state['best_step']}", flush=True)
+        return bool(tc.patience) and state["evals_since_best"] >= tc.patience
+
+    train_module.train()
+    win = {"loss": 0.0, "n": 0, "tokens": 0}
+    win_t0, run_t0 = time.perf_counter(), time.perf_counter() - state["elapsed_s"]
+    report: dict[str, float] = {}
+    evaluated_at = state["step"] if resume_dir is not None else -1
+    while state["step"] < tc.steps:
+        rng = np.random.default_rng([tc.seed, rank, state["step"]])
+        which = rng.choice(len(datasets), size=tc.batch_size, p=weights)
+        examples = []
+        for d in range(len(datasets)):
+            n = int((which == d).sum())
+            if n:
+                examples += sample_training_examples(sequences[d], item_tokens[d], model.prompts, n,
+                                                     model.config.drop_last_max, rng)
+        batch = {k: v.to(device, non_blocking=True) for k, v in model.prompts.collate_train(examples).items()}
+        if use_ds:
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()
+        else:
+            if autocast is not None:
+                with autocast:
+                    loss = train_module(batch)
+            else:
+                loss = train_module(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        win["loss"] += float(loss.detach())
+        win["n"] += 1
+        win["tokens"] += int(batch["attention_mask"].sum()) * world
+        if state["step"] % tc.log_every == 0 or state["step"] == tc.steps:
+            dt = time.perf_counter() - win_t0
+            report = {"loss": win["loss"] / win["n"], "tokens_per_s": win["tokens"] / max(dt, 1e-9),
+                      "s_per_step": dt / win["n"], "lr": scheduler.get_last_lr()[0]}
+            if rank == 0:
+                print(f"[calrec:{stage.name}] step {state['step']}/{tc.steps} loss {report['loss']:.4f} "
+                      f"lr {report['lr']:.2e} {report['s_per_step']:.2f}s/step {report['tokens_per_s']:.0f} tok/s "
+                      f"elapsed {time.perf_counter() - run_t0:.0f}s", flush=True)
+            win = {"loss": 0.0, "n": 0, "tokens": 0}
+            win_t0 = time.perf_counter()
+        if state["step"] % tc.eval_every == 0 or state["step"] == tc.steps:
+            state["elapsed_s"] = time.perf_counter() - run_t0
+            evaluated_at = state["step"]
+            if validate_and_checkpoint(report):
+                if rank == 0:
+                    print(f"[calrec:{stage.name}] early stop at step {state['step']}", flush=True)
+                break
+            win_t0 = time.perf_counter()
+    if evaluated_at != state["step"]:
+        validate_and_checkpoint(report)
+
+
+# --------------------------------------------------------------------------------------------- driver
+def run_stage(cfg: CALRecExperimentConfig, index: int, dataset_paths: list[str], init_from: str | None) -> dict[str, Any]:
+    """One stage on Ray Train; returns {'best_checkpoint', 'best_metrics', 'train_seconds', ...}."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from seqrec.train.loop import _pythonpath
+
+    sc, stage = cfg.scaling, cfg.stages[index]
+    name = f"{cfg.run.name or cfg.name}_{stage.name}"
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if sc.strategy == "deepspeed" and not sc.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    trainer = TorchTrainer(
+        calrec_worker,
+        train_loop_config={"experiment": asdict(cfg), "stage_index": index, "dataset_paths": dataset_paths,
+                           "init_from": init_from},
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=str(Path(cfg.run.storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=stage.train.keep_checkpoints,
+                                               checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    # best validation score; among equal scores the latest (more training)
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1][SCORE_KEY], cm[1]["step"]))
+    return {"stage": stage.name, "datasets": dataset_paths, "train_seconds": round(seconds, 1),
+            "best_checkpoint": best_ckpt.path, "best_step": best_metrics.get("step"),
+            "final_step": result.metrics.get("step"), "s_per_step_last": result.metrics.get("s_per_step"),
+            "val": {k[4:]: v for k, v in best_metrics.items() if k.startswith("val/")}}
+
+
+def run_calrec(cfg: CALRecExperimentConfig) -> dict[str, Any]:
+    """All stages (each from the previous stage's best checkpoint), then the test evaluation."""
+    from seqrec.data.dataset import atomic_write_json
+    from seqrec.eval.cli import run_evaluation
+    from seqrec.eval.evaluator import format_table
+    from seqrec.ray_utils import init_ray
+
+    init_ray(address=cfg.run.address)
+    name = cfg.run.name or cfg.name
+    summary: dict[str, Any] = {"name": name, "model": "calrec", "stages": []}
+    init_from = str(Path(cfg.run.resume_from).resolve()) if cfg.run.resume_from else None
+    for i, stage in enumerate(cfg.stages):
+        paths = [resolve_data(d) for d in stage.datasets]
+        res = run_stage(cfg, i, paths, init_from)
+        print(f"[calrec] {stage.name}: best checkpoint {res['best_checkpoint']} (step {res['best_step']}), "
+              f"{res['train_seconds']:.0f}s", flush=True)
+        summary["stages"].append(res)
+        init_from = res["best_checkpoint"]
+    summary["best_checkpoint"] = init_from
+    if cfg.run.test:
+        last = cfg.stages[-1]
+        dataset_path = summary["stages"][-1]["datasets"][last.eval_dataset]
+        _, results = run_evaluation(dataset_path, [init_from, "lir_bm25"], "test", cfg.eval_max_users, cfg.eval_seed)
+        summary["test"] = results
+        summary["table"] = format_table({k: r["metrics"] for k, r in results.items()})
+        print(f"\n[{name}] test ({next(iter(results.values()))['n_rows']} users)\n{summary['table']}\n", flush=True)
+    atomic_write_json(summary, Path(cfg.run.storage_path).resolve() / name / "summary.json")
+    return summary
+
+
+def run_from_cli(config: str, overrides: list[str], address: str | None = None, resume_from: str | None = None) -> dict:
+    parsed = parse_overrides(overrides)
+    if address:
+        parsed["run.address"] = address
+    if resume_from:
+        parsed["run.resume_from"] = resume_from
+    return run_calrec(load_calrec_config(config, parsed))

@@ -1,0 +1,259 @@
+"""Flare T+ID: Perceiver shapes and masks, the margin InfoNCE against a hand computation, critique/masking rules,
+feature-cache invalidation, cold start, checkpoint round trip, and a tiny Ray Train run on the demo dataset."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from seqrec.data.batching import make_batch
+from seqrec.models.flare import Flare, FlareConfig, info_nce_margin, load_flare_features
+from seqrec.models.packing import pack_sequences
+from seqrec.models.perceiver import TYPE_CRITIQUE, TYPE_TEXT, PerceiverResampler
+
+TINY = dict(dim=16, layers=1, heads=2, hidden=32, dropout=0.0, attn_dropout=0.0, perceiver_dim=16, perceiver_heads=2,
+            perceiver_layers=1, perceiver_latents=3, max_text_tokens=32, id_dropout=0.0, max_len=20)
+
+
+@pytest.fixture(scope="module")
+def demo_features(demo_dataset, tmp_path_factory):
+    """The demo catalog's features in a private cache (in-process encoder: no Ray needed)."""
+    from seqrec.features.cache import dataset_features
+
+    cache = tmp_path_factory.mktemp("flare_cache")
+    return cache, dataset_features(demo_dataset, "minilm", 32, cache_dir=cache, use_ray=False)
+
+
+def _model(demo_dataset, demo_features, **kw) -> Flare:
+    torch.manual_seed(0)
+    model = Flare(FlareConfig(**{**TINY, **kw}), demo_dataset.n_items)
+    load_flare_features(model, demo_dataset, cache_dir=demo_features[0], use_ray=False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- Perceiver
+def test_perceiver_shapes_and_masks():
+    torch.manual_seed(0)
+    p = PerceiverResampler(in_dim=12, dim=8, out_dim=5, n_latents=3, layers=2, heads=2, dropout=0.0, attn_dropout=0.0).eval()
+    tokens = torch.randn(4, 7, 12)
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[2, :] = False  # no tokens at all: latents still attend to themselves
+    types = torch.full((4, 7), TYPE_TEXT)
+    out = p(tokens, mask, types)
+    assert out.shape == (4, 5) and torch.isfinite(out).all()
+    # masked-out tokens have no influence; real ones do
+    changed = tokens.clone()
+    changed[1, 3:] = 100.0
+    assert torch.allclose(p(changed, mask, types)[1], out[1], atol=1e-6)
+    changed[1, 0] += 1.0
+    assert not torch.allclose(p(changed, mask, types)[1], out[1], atol=1e-4)
+    # variable length = the same as the trimmed input (padding is inert), and the modality type matters
+    assert torch.allclose(p(tokens[1:2, :3], mask[1:2, :3], types[1:2, :3]), out[1:2], atol=1e-5)
+    assert not torch.allclose(p(tokens, mask, torch.full((4, 7), TYPE_CRITIQUE))[0], out[0], atol=1e-4)
+    # rows are independent (no leakage across the batch)
+    assert torch.allclose(p(tokens[:1], mask[:1], types[:1]), out[:1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- contrastive
+def test_info_nce_margin_matches_hand_computation():
+    e = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    t = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+    tau, m = 0.3, 0.2
+    en = [[x / math.hypot(*v) for x in v] for v in e.tolist()]
+    tn = [[x / math.hypot(*v) for x in v] for v in t.tolist()]
+
+    def cos(a, b):
+        return a[0] * b[0] + a[1] * b[1]
+
+    def direction(q, k):  # -mean_i log softmax_i over j of (cos(q_i, k_j) - m [i == j]) / tau
+        total = 0.0
+        for i in range(3):
+            logits = [(cos(q[i], k[j]) - (m if i == j else 0.0)) / tau for j in range(3)]
+            total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
+        return total / 3
+
+    expected = 0.5 * (direction(en, tn) + direction(tn, en))
+    assert info_nce_margin(e, t, tau, m).item() == pytest.approx(expected, rel=1e-6)
+    # the margin makes the loss larger (the positive must win by m)
+    assert info_nce_margin(e, t, tau, m).item() > info_nce_margin(e, t, tau, 0.0).item()
+
+
+def test_loss_terms_alpha_mix_and_backward(demo_dataset, demo_features):
+    model = _model(demo_dataset, demo_features, alpha=0.25)
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, model.packed_seq_len, False, np.random.default_rng(0))
+    batch = packed.batch(np.arange(4))
+    terms = model.loss_terms(batch, torch.Generator().manual_seed(1))
+    assert terms["loss"].item() == pytest.approx(0.25 * terms["mlm"].item() + 0.75 * terms["contrastive"].item(), rel=1e-6)
+    terms["loss"].backward()
+    assert model.perceiver.in_proj.weight.grad is not None and model.perceiver.in_proj.weight.grad.abs().sum() > 0
+    off = _model(demo_dataset, demo_features, contrastive=False)
+    t2 = off.loss_terms(batch, torch.Generator().manual_seed(1))
+    assert "contrastive" not in t2 and t2["loss"].item() == t2["mlm"].item()
+
+
+# ------------------------------------------------------------------------------------- masking rules
+def test_masked_positions_hide_id_and_text(demo_dataset, demo_features):
+    """MLM loss must not depend on the text of items that only occur at masked positions (T is masked there),
+    but must depend on the text of visible items."""
+    model = _model(demo_dataset, demo_features, contrastive=False).train()
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, model.packed_seq_len, False, np.random.default_rng(0))
+    batch = packed.batch(np.arange(2))
+    from seqrec.models.bert4rec import cloze_mask
+
+    masked = cloze_mask(batch["segments"], model.config.mask_prob, model.config.last_only_prob, torch.Generator().manual_seed(3))
+    real = batch["segments"] > 0
+    items = batch["items"]
+    only_masked = sorted(set(items[masked].tolist()) - set(items[real & ~masked].tolist()))
+    visible = sorted(set(items[real & ~masked].tolist()))
+    assert only_masked and visible
+    base = model.loss_terms(batch, torch.Generator().manual_seed(3))["mlm"].item()
+    orig = model.item_tokens.clone()
+    model.item_tokens[only_masked] = torch.randn_like(model.item_tokens[only_masked].float()).half()
+    assert model.loss_terms(batch, torch.Generator().manual_seed(3))["mlm"].item() == pytest.approx(base, abs=1e-6)
+    model.item_tokens[visible[:3]] = (10 * torch.randn_like(model.item_tokens[visible[:3]].float())).half()
+    assert abs(model.loss_terms(batch, torch.Generator().manual_seed(3))["mlm"].item() - base) > 1e-5
+    model.item_tokens = orig
+
+
+def test_critique_hints_at_masked_positions(demo_dataset, demo_features):
+    model = _model(demo_dataset, demo_features, critique_prob=1.0).eval()
+    table = model.critiques
+    assert table is not None and table.item_prefixes.shape[0] == demo_dataset.n_items
+    # the demo tree has depth 3: with min_depth 2 every item has exactly 2 training prefixes
+    assert (table.item_prefixes >= 0).sum(1).eq(2).all()
+    items = torch.tensor([[0, 1, 2, -1]])
+    masked = torch.tensor([[False, True, False, False]])
+    hints = model._training_hints(items, masked, torch.Generator().manual_seed(0))
+    assert torch.allclose(hints[0, 0], model.text_mask) and torch.allclose(hints[0, 2], model.text_mask)
+    cands = [model._critique_text(table.tokens[[c]], table.mask[[c]])[0] for c in table.item_prefixes[1].tolist()]
+    assert any(torch.allclose(hints[0, 1], c, atol=1e-5) for c in cands)
+
+
+def test_score_all_critique_contract(demo_dataset, demo_features):
+    from seqrec.features.encoder import FrozenTextEncoder
+    from seqrec.models.flare import critique_text, encode_critiques
+
+    model = _model(demo_dataset, demo_features).eval()
+    rows = demo_dataset.eval_rows("test")
+    batch = make_batch(rows.histories[:3], rows.targets[:3], max_len=model.max_len)
+    enc = FrozenTextEncoder.load("minilm", max_tokens=32)
+    tok, mask = encode_critiques([critique_text(["Lab Equipment", "Storage"]), None, ""], enc)
+    assert tok.shape[:2] == mask.shape and not mask[1].any() and not mask[2].any() and mask[0].any()
+    plain = model.score_all(batch)
+    crit = model.score_all({**batch, "critique_tokens": tok, "critique_mask": mask})
+    assert crit.shape == plain.shape == (3, demo_dataset.n_items)
+    assert not torch.allclose(crit[0], plain[0], atol=1e-5)  # the critique changes the query
+    assert torch.allclose(crit[1:], plain[1:], atol=1e-5)  # an all-False row = no critique
+    with pytest.raises(ValueError):
+        model.score_all({**batch, "critique_tokens": tok})
+
+
+# ------------------------------------------------------------------------------ cache and cold start
+def test_feature_cache_invalidation_on_text_change(demo_dataset, demo_features, tmp_path):
+    """A changed item text is re-encoded (only that one) and reaches the model; train() drops cached tables."""
+    import shutil
+
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.features.cache import FeatureCache
+
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_dataset.path, copy, ignore=shutil.ignore_patterns("features"))
+    shutil.copytree(demo_features[0], copy / "features")
+    ds = PreparedDataset.load(copy)
+    model = _model(ds, (copy / "features",))
+    before = model.item_tokens[5].clone()
+    model.eval()
+    t_before = model._tables()["text"][5].clone()
+    assert model._cache is not None
+    model.train()
+    assert model._cache is None  # invalidated: weights may change
+    import pyarrow.parquet as pq
+
+    items = ds.items.to_pandas()
+    items.loc[5, "text"] = "Title: Completely different microscope Category: Optics Brand: Zeiss Price: Unknown"
+    pq.write_table(__import__("pyarrow").Table.from_pandas(items, schema=ds.items.schema, preserve_index=False),
+                   copy / "items.parquet")
+    ds = PreparedDataset.load(copy)
+    report = FeatureCache(copy / "features", "minilm", 32).ensure(ds.item_texts(), use_ray=False)
+    assert report.encoded == 1 and report.reused == ds.n_items - 1
+    load_flare_features(model, ds, use_ray=False)
+    assert not torch.equal(model.item_tokens[5, : before.shape[0]], before[: model.item_tokens.shape[1]])
+    model.eval()
+    assert not torch.allclose(model._tables()["text"][5], t_before)
+
+
+def test_cold_start_and_add_items(demo_dataset, demo_features):
+    from seqrec.features.encoder import FrozenTextEncoder
+
+    model = _model(demo_dataset, demo_features).eval()
+    n = demo_dataset.n_items
+    trained = torch.ones(n, dtype=torch.bool)
+    trained[7] = False  # pretend item 7 never appeared in training
+    model.set_trained_ids(trained)
+    tables = model._tables()
+    seen_norm = model.id_table()[trained].norm(dim=-1).median()
+    assert torch.allclose(tables["out"][7], torch.nn.functional.normalize(tables["text"][7], dim=0) * seen_norm, atol=1e-5)
+    assert torch.equal(tables["out"][3], model.id_table()[3])
+    enc = FrozenTextEncoder.load("minilm", max_tokens=32)
+    tok, mask = enc.encode(["Title: Brand new centrifuge Category: Lab Equipment > Storage Brand: Newco Price: $10.00"])
+    new = model.add_items(tok, mask)
+    assert new == [n] and model.n_items == n + 1
+    rows = demo_dataset.eval_rows("test")
+    batch = make_batch(rows.histories[:2] + [np.array([n, 3])], None, max_len=model.max_len)
+    scores = model.score_all(batch)  # a history containing the new item works; it is rankable at once
+    assert scores.shape == (3, n + 1) and torch.isfinite(scores).all()
+    with pytest.raises(ValueError):
+        model.add_items(tok[:, :, :5], mask)
+
+
+def test_checkpoint_round_trip_keeps_features_out(demo_dataset, demo_features, tmp_path):
+    from safetensors.torch import load_file
+
+    from seqrec.models.registry import load_model, model_config_dict
+    from seqrec.train.checkpoint import save_model_files
+
+    model = _model(demo_dataset, demo_features).eval()
+    save_model_files(model, tmp_path, {"model_name": "flare", "model": model_config_dict(model), "n_items": demo_dataset.n_items})
+    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert not any("item_tokens" in k for k in keys) and "id_seen" in keys
+    again, meta = load_model(tmp_path)
+    assert meta["model"]["text_dim"] == 384
+    with pytest.raises(RuntimeError, match="load_flare_features"):
+        again.score_all(make_batch([np.array([1, 2])], None))
+    load_flare_features(again, demo_dataset, cache_dir=demo_features[0], use_ray=False)
+    rows = demo_dataset.eval_rows("valid")
+    batch = make_batch(rows.histories[:8], None, max_len=model.max_len)
+    assert torch.allclose(model.score_all(batch), again.score_all(batch), atol=1e-5)
+
+
+def test_bad_inputs_raise(demo_dataset, demo_features):
+    model = _model(demo_dataset, demo_features)
+    with pytest.raises(ValueError, match="cover"):
+        model.attach_item_features(model.item_tokens[:-1], model.item_token_mask[:-1])
+    with pytest.raises(ValueError, match="critiques need the text path"):
+        Flare(FlareConfig(**{**TINY, "use_text": False, "critique_prob": 0.5}), 10)
+    notext = Flare(FlareConfig(**{**TINY, "use_text": False}), demo_dataset.n_items)
+    assert not notext.needs_item_features
+    load_flare_features(notext, demo_dataset)  # a no-op
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_tiny_ray_train_run(ray_session, demo_dataset, tmp_path):
+    from seqrec.config import load_config
+    from seqrec.models.registry import load_model
+    from seqrec.train.config import ExperimentConfig
+    from seqrec.train.loop import run_experiment
+
+    params = {**TINY, "critique_prob": 0.3}
+    cfg = load_config(ExperimentConfig, "tiny_demo", subdir="train", overrides={
+        "data.path": str(demo_dataset.path), "run.storage_path": str(tmp_path / "runs"), "run.name": "flare_tiny",
+        "train.threads_per_worker": 1, "train.steps": 6, "train.eval_every": 3, "model.name": "flare",
+        "model.params": params})
+    summary = run_experiment(cfg)
+    assert summary["final_step"] == 6 and "ndcg@10/pes" in summary["test"]
+    model, meta = load_model(summary["best_checkpoint"])
+    assert meta["model_name"] == "flare" and meta["model"]["critique_prob"] == 0.3
+    assert (demo_dataset.path / "features").exists()  # the driver filled the dataset's feature cache
