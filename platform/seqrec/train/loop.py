@@ -241,6 +241,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     meta = experiment_meta(cfg, model, dataset.n_items)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (sc.use_gpu and not use_ds) else None
 
+    shadow: list[torch.nn.Module] = []  # ZeRO-3 only: rank 0's plain copy of the model for validation
+
+    def validation_model() -> torch.nn.Module:
+        """The model rank 0 validates. Under ZeRO-3 the engine's forward hooks re-partition parameters as
+        submodules finish, so scoring the live module mid-gather sees empty tensors: copy the gathered weights
+        into a plain model instead (called inside full_parameters)."""
+        from seqrec.train.deepspeed_utils import zero_stage
+
+        if zero_stage(engine) != 3:
+            return model
+        if not shadow:
+            shadow.append(bind_dataset(build_model(cfg.model.name, cfg.model.params, dataset.n_items), dataset,
+                                       use_ray=False).to(device))
+        shadow[0].load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return shadow[0]
+
     def validate_and_checkpoint(last_loss: float, seq_per_s: float) -> bool:
         """Rank 0 validates; everyone saves its part and reports. Returns True to stop early."""
         from seqrec.train.deepspeed_utils import full_parameters  # cheap: deepspeed is imported lazily
@@ -248,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = None
         with full_parameters(engine, model):  # ZeRO-3: all ranks gather, rank 0 evaluates
             if rank == 0:
-                metrics = evaluate(model, valid_rows, dataset.n_items, EvalSettings(), device).metrics
+                metrics = evaluate(validation_model(), valid_rows, dataset.n_items, EvalSettings(), device).metrics
                 model.train()
         metrics = broadcast(metrics, world)
         score = float(metrics[tc.eval_metric])
