@@ -148,9 +148,9 @@ def calrec_worker(config: dict[str, Any]) -> None:
     from seqrec.eval.evaluator import EvalSettings, evaluate
     from seqrec.models.calrec import sample_training_examples
     from seqrec.models.registry import build_model
-    from seqrec.train.checkpoint import TRAIN_STATE, atomic_torch_save, load_state, load_weights_into, save_model_files
+    from seqrec.train.checkpoint import TRAIN_STATE, atomic_torch_save, load_weights_into, save_model_files
     from seqrec.train.deepspeed_utils import full_parameters
-    from seqrec.train.loop import broadcast, lr_lambda, make_optimizer
+    from seqrec.train.loop import broadcast, setup_training
 
     cfg = from_dict(CALRecExperimentConfig, config["experiment"])
     stage = cfg.stages[config["stage_index"]]
@@ -187,32 +187,7 @@ def calrec_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[calrec:{stage.name}] initialised from {config['init_from']}", flush=True)
     model.to(device)
-    optimizer = make_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    engine = None
-    if use_ds:
-        from seqrec.train import deepspeed_utils
-
-        deepspeed_utils.ensure_env(sc.use_gpu)
-        ds_cfg = deepspeed_utils.build_config(sc.deepspeed_config, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
-                                              use_gpu=sc.use_gpu, zero_stage=sc.zero_stage)
-        engine, _ = deepspeed_utils.initialize(model, optimizer, ds_cfg)
-        train_module = engine
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_module = model
-    if resume_dir is not None:
-        ts = load_state(Path(resume_dir) / TRAIN_STATE)
-        state.update(ts["state"])
-        scheduler.load_state_dict(ts["scheduler"])
-        if use_ds:
-            engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state", load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
-        else:
-            optimizer.load_state_dict(ts["optimizer"])
+    optimizer, scheduler, engine, train_module = setup_training(model, tc, sc, world, device, resume_dir, state)
 
     valid_rows = eval_ds.eval_rows("valid")
     if tc.valid_max_rows and len(valid_rows) > tc.valid_max_rows:

@@ -154,6 +154,43 @@ def record_placement_group(path: str | os.PathLike) -> None:
             f.write(pg.id.hex() + "\n")
 
 
+def setup_training(model: torch.nn.Module, tc, sc, world: int, device: torch.device, resume_dir: str | None,
+                   state: dict[str, Any]):
+    """(optimizer, scheduler, DeepSpeed engine or None, the module to call for the loss) for a worker, with the
+    step count, scheduler, optimizer (or ZeRO shards) restored from `resume_dir` when given. Shared by the ID/Flare
+    loop and the CALRec loop."""
+    use_ds = sc.strategy == "deepspeed"
+    optimizer = make_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+
+    engine = None
+    if use_ds:
+        from seqrec.train import deepspeed_utils
+
+        deepspeed_utils.ensure_env(sc.use_gpu)
+        ds_cfg = deepspeed_utils.build_config(sc.deepspeed_config, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
+                                              use_gpu=sc.use_gpu, zero_stage=sc.zero_stage)
+        engine, _ = deepspeed_utils.initialize(model, optimizer, ds_cfg)
+        train_module = engine
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        train_module = model
+
+    if resume_dir is not None:
+        ts = load_state(Path(resume_dir) / TRAIN_STATE)
+        state.update(ts["state"])
+        scheduler.load_state_dict(ts["scheduler"])
+        if use_ds:
+            engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+        else:
+            optimizer.load_state_dict(ts["optimizer"])
+    return optimizer, scheduler, engine, train_module
+
+
 # ------------------------------------------------------------------------------------- worker function
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
@@ -197,34 +234,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resume_dir is not None:
         load_weights_into(model, resume_dir)
     model.to(device)
-    optimizer = make_optimizer(model, tc)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-
-    engine = None
-    if use_ds:
-        from seqrec.train import deepspeed_utils
-
-        deepspeed_utils.ensure_env(sc.use_gpu)
-        ds_cfg = deepspeed_utils.build_config(sc.deepspeed_config, batch_size=tc.batch_size, grad_clip=tc.grad_clip,
-                                              use_gpu=sc.use_gpu, zero_stage=sc.zero_stage)
-        engine, _ = deepspeed_utils.initialize(model, optimizer, ds_cfg)
-        train_module = engine
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        train_module = model
-
+    optimizer, scheduler, engine, train_module = setup_training(model, tc, sc, world, device, resume_dir, state)
     if resume_dir is not None:
-        ts = load_state(Path(resume_dir) / TRAIN_STATE)
-        state.update(ts["state"])
-        scheduler.load_state_dict(ts["scheduler"])
-        if use_ds:
-            engine.load_checkpoint(str(Path(resume_dir) / "deepspeed"), tag="state", load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
-        else:
-            optimizer.load_state_dict(ts["optimizer"])
         rs_path = Path(resume_dir) / rank_state_file(rank)
         if rs_path.exists():  # absent if the world size changed: keep fresh per-rank streams
             rs = load_state(rs_path)
