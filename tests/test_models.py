@@ -216,11 +216,11 @@ def test_shipped_train_configs_parse_and_build():
     names = sorted(p.stem for p in (CONFIG_DIR / "train").glob("*.yaml"))
     assert {"sasrec_scientific", "bert4rec_scientific", "tiny_demo"} <= set(names)
     assert {f"flare_id_{d}" for d in ("games", "office", "scientific", "music", "arts", "pets")} <= set(names)
-    from seqrec.train.calrec_loop import is_calrec_config, load_calrec_config
+    from seqrec.train.staged_loop import is_staged_config, load_staged_config
 
     for name in names:
-        if is_calrec_config(name):  # multi-stage LM configs: typed parse only (building loads an LM)
-            assert load_calrec_config(name).stages
+        if is_staged_config(name):  # multi-stage LM configs: typed parse only (building loads an LM)
+            assert load_staged_config(name).stages
             continue
         cfg = load_config(ExperimentConfig, name, subdir="train")
         model = build_model(cfg.model.name, cfg.model.params, 10)

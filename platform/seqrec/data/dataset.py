@@ -244,6 +244,23 @@ class PreparedDataset:
     def item_texts(self) -> list[str]:
         return self.items.column("text").to_pylist()
 
+    def item_attributes(self) -> list[dict[str, str]]:
+        """Per item (item_idx order) its attributes as strings: title, brand, category (the path joined with
+        ' > ', most general first), price and description; '' where missing (Recformer's attribute dicts)."""
+        from seqrec.data.text import clean_text, format_price
+
+        n = self.items.num_rows
+        cols = {c: self.items.column(c).to_pylist() if c in self.items.column_names else [None] * n
+                for c in ("title", "brand", "categories", "price", "description")}
+        out = []
+        for i in range(n):
+            cats = cols["categories"][i] or []
+            category = clean_text(cats) if isinstance(cats, str) else " > ".join(clean_text(c) for c in cats if c)
+            out.append({"title": clean_text(cols["title"][i]), "brand": clean_text(cols["brand"][i]),
+                        "category": category, "price": format_price(cols["price"][i]),
+                        "description": clean_text(cols["description"][i])})
+        return out
+
     def item_ids(self) -> list[str]:
         return self.items.column("item_id").to_pylist()
 

@@ -26,12 +26,27 @@ def build_scorer(name: str, dataset):
     raise ValueError(f"unknown model {name!r}: expected one of {sorted(BASELINES)} or a checkpoint directory")
 
 
-def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, mask_history=False, memory_budget_mb=256.0):
+USER_SUBSETS = ("all", "cold-target")
+
+
+def select_users(dataset, rows, users: str):
+    """'all', or 'cold-target': rows whose target never occurs in any training sequence (cold-start items)."""
+    if users == "all":
+        return rows
+    if users == "cold-target":
+        return rows.subset(np.flatnonzero(dataset.train_item_counts()[rows.targets] == 0))
+    raise ValueError(f"unknown user subset {users!r}; expected one of {USER_SUBSETS}")
+
+
+def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, mask_history=False, memory_budget_mb=256.0,
+                   users="all"):
     from seqrec.data.dataset import PreparedDataset
     from seqrec.eval.evaluator import EvalSettings, evaluate
 
     dataset = PreparedDataset.load(dataset_path)
-    rows = dataset.eval_rows(split)
+    rows = select_users(dataset, dataset.eval_rows(split), users)
+    if len(rows) == 0:
+        raise ValueError(f"no {split} rows in user subset {users!r}")
     if max_users and max_users < len(rows):
         # a seeded user subset, for models too slow to score every user on this machine
         rows = rows.subset(np.sort(np.random.default_rng(seed).choice(len(rows), size=max_users, replace=False)))
@@ -78,9 +93,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if checkpoint_dataset(args.checkpoint or []) and "lir_bm25" not in models:
         models.append("lir_bm25")  # CALRec's reference baseline, reported beside it
     dataset, results = run_evaluation(
-        dataset_path, models, args.split, args.max_users, args.seed, args.mask_history, args.memory_budget_mb
+        dataset_path, models, args.split, args.max_users, args.seed, args.mask_history, args.memory_budget_mb, args.users
     )
-    print(f"dataset {dataset.name}: {results[next(iter(results))]['n_rows']} {args.split} rows, "
+    print(f"dataset {dataset.name}: {results[next(iter(results))]['n_rows']} {args.split} rows ({args.users} users), "
           f"{dataset.n_items} items, full ranking")
     print(format_table({name: r["metrics"] for name, r in results.items()}))
     for name, r in results.items():
@@ -91,7 +106,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                      f" 2 {sh['level_2']:.3f}, title {sh['level_1']:.3f}) of {sh['n']}")
         print(line)
     if args.out:
-        out = {"dataset": str(dataset_path), "split": args.split, "mask_history": args.mask_history, "results": results}
+        out = {"dataset": str(dataset_path), "split": args.split, "users": args.users, "mask_history": args.mask_history,
+               "results": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
@@ -108,6 +124,8 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--max-users", type=int, default=None, help="evaluate a seeded random subset of users")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", default="all", choices=USER_SUBSETS,
+                   help="cold-target: only rows whose target item never occurs in training (cold start)")
     p.add_argument("--mask-history", action="store_true", help="exclude history items (except the target) from ranking")
     p.add_argument("--memory-budget-mb", type=float, default=256.0, help="memory for one chunk of scores")
     p.add_argument("--out", default=None, help="write results JSON here")

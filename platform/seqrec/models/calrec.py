@@ -460,7 +460,22 @@ class CALRec(torch.nn.Module):
             raise ValueError("CALRec needs the item texts: call model.attach_catalog(dataset.item_texts()) first")
         return self.catalog
 
-    # ---- training
+    def before_validation(self, distributed: bool = False) -> None:
+        """Staged loop hook: the weights changed, so cached samples are stale."""
+        self.reset_samples()
+
+    # ---- training (prepare_corpus and sample_batch are the staged loop's hooks, seqrec.train.staged_loop)
+    def prepare_corpus(self, dataset) -> list[list[int]]:
+        return self.prompts.encode_items(dataset.item_texts())
+
+    def sample_batch(self, parts: Sequence[tuple[list[list[int]], Sequence[np.ndarray], int, int]],
+                     rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """A collated batch of n examples from each (item tokens, training sequences, n, dataset index)."""
+        examples = []
+        for item_tokens, sequences, n, _ in parts:
+            examples += sample_training_examples(sequences, item_tokens, self.prompts, n, self.config.drop_last_max, rng)
+        return self.prompts.collate_train(examples)
+
     def _hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
 

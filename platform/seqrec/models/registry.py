@@ -17,6 +17,7 @@ from seqrec.config import from_dict
 from seqrec.models.bert4rec import Bert4Rec, Bert4RecConfig
 from seqrec.models.calrec import CALRec, CALRecConfig
 from seqrec.models.flare import Flare, FlareConfig
+from seqrec.models.recformer import Recformer, RecformerConfig
 from seqrec.models.sasrec import SASRec, SASRecConfig
 
 MODELS: dict[str, tuple[type[torch.nn.Module], type]] = {
@@ -25,6 +26,7 @@ MODELS: dict[str, tuple[type[torch.nn.Module], type]] = {
     "flare_id": (Bert4Rec, Bert4RecConfig),  # FLARE's name for its tuned Bert4Rec
     "calrec": (CALRec, CALRecConfig),  # needs model.attach_catalog(item_texts) before scoring
     "flare": (Flare, FlareConfig),  # Flare T+ID: + frozen text features, Perceiver, ID-text contrastive, critiques
+    "recformer": (Recformer, RecformerConfig),  # ID-free: items as key-value text; needs the item attributes
 }
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -78,13 +80,16 @@ def load_state_dict_into(model: torch.nn.Module, path: str | Path) -> None:
 def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True) -> torch.nn.Module:
     """Attach the catalog data a model reads besides its weights; the one place every consumer (training loop,
     evaluator, serving) does it. Flare T+ID: the frozen encoder's item features (from the feature cache, encoding
-    only what is missing; `use_ray=False` encodes in-process). CALRec: the item texts. ID models: nothing."""
+    only what is missing; `use_ray=False` encodes in-process). CALRec: the item texts. Recformer: the item attribute
+    dicts (its item matrix is re-encoded only if they differ from the catalog it was saved with). ID models: nothing."""
     if getattr(model, "needs_item_features", False):
         from seqrec.models.flare import load_flare_features
 
         load_flare_features(model, dataset, use_ray=use_ray)
     if hasattr(model, "attach_catalog"):
         model.attach_catalog(dataset.item_texts())
+    if getattr(model, "needs_item_attributes", False):
+        model.attach_items(dataset.item_attributes())
     return model
 
 

@@ -20,9 +20,9 @@ def run(args: argparse.Namespace) -> dict:
     from seqrec.train.config import ExperimentConfig
     from seqrec.train.loop import run_experiment
 
-    from seqrec.train.calrec_loop import is_calrec_config, run_from_cli
+    from seqrec.train.staged_loop import is_staged_config, run_from_cli
 
-    if is_calrec_config(args.config):  # CALRec: multi-stage LM finetuning (train/calrec_loop.py)
+    if is_staged_config(args.config):  # CALRec, Recformer: staged text-model training (train/staged_loop.py)
         summary = run_from_cli(args.config, args.overrides, args.address, args.resume_from)
         print(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2, default=str))
         return summary
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("train", help="train an ID model (SASRec, Bert4Rec/Flare ID) on Ray Train")
+    parser = subparsers.add_parser("train", help="train a model on Ray Train (SASRec, Bert4Rec/Flare ID, Flare T+ID; CALRec and Recformer in stages)")
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
