@@ -203,8 +203,15 @@ def main() -> None:
     ap.add_argument("--fuzz", type=int, default=600)
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private Ray instance")
+    ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for the private Ray instance (Serve flags such as RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="serve setting override, e.g. --set recommender.num_cpus=1")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
+    serve_env = dict(kv.split("=", 1) for kv in args.serve_env)
+    os.environ.update(serve_env)  # before Ray starts: the proxy and replicas inherit it
 
     from ray import serve
 
@@ -218,6 +225,14 @@ def main() -> None:
     one = {"num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1}
     settings = {"model": model, "max_batch_size": args.max_batch_size, "recommender": dict(one),
                 "bm25": dict(one, num_cpus=0.25), "ingress": dict(one, num_cpus=0.25)}
+    from seqrec.config import parse_overrides
+
+    for dotted, value in parse_overrides(args.overrides).items():
+        node = settings
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     port = free_port()
     config = serve_config(settings, "127.0.0.1", port)
     dataset = PreparedDataset.load(config["applications"][0]["args"]["model"]["dataset"])
@@ -230,7 +245,8 @@ def main() -> None:
     t0 = time.perf_counter()
     deploy_config(config)
     report: dict = {"dataset": str(dataset.path), "n_items": dataset.n_items, "deploy_s": time.perf_counter() - t0,
-                    "concurrency": args.concurrency, "cpus": os.cpu_count()}
+                    "concurrency": args.concurrency, "cpus": os.cpu_count(), "serve_env": serve_env,
+                    "settings": {k: v for k, v in settings.items() if k != "model"}, "client": "asyncio keep-alive (bench_serve._Conn)"}
     info = get(url, "/version")["model"]
     report["model"] = {k: info[k] for k in ("name", "version", "checkpoint", "critique", "new_items")}
     print(f"serving {info['version']} ({dataset.n_items} items) at {url}; deployed in {report['deploy_s']:.1f}s")
@@ -334,7 +350,7 @@ def main() -> None:
         ray.shutdown()
 
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serve_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out = RESULTS / f"serve_{time.strftime('%Y%m%d_%H%M%S')}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out}")
 

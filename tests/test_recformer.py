@@ -160,12 +160,14 @@ def test_finetune_loss_is_softmax_over_the_item_matrix():
 
 
 def test_pretrain_loss_terms():
-    model = tiny(objective="pretrain", mlm_prob=0.5).train()
-    batch = model.sample_batch([(model.catalog, [np.array([0, 1, 2, 3])] * 3, 4, 0)], np.random.default_rng(1))
+    model = tiny(objective="pretrain", mlm_prob=0.5).eval()  # no dropout: two forwards agree
+    batch = model.sample_batch([(model.catalog, [np.array([0, 1])] * 3, 4, 0)], np.random.default_rng(1))
     assert (batch["mlm_labels"] != IGNORE).any() and batch["target_same"].shape == (4, 4)
+    assert batch["target_same"].all()  # every example has next item 1: no negatives are left
     terms = model.loss_terms(batch)
+    assert terms["iic"].item() == pytest.approx(0.0, abs=1e-6)
     assert model.loss(batch).item() == pytest.approx((terms["iic"] + 0.1 * terms["mlm"]).item(), rel=1e-6)
-    model.loss(batch).backward()
+    model.train().loss(batch).backward()
     assert model.mlm_head.dense.weight.grad is not None and model.item_position.weight.grad is not None
 
 

@@ -49,7 +49,7 @@ def free_port() -> int:
 def small_settings(checkpoint: Path, **extra) -> dict:
     tiny = {"num_cpus": 0.1, "min_replicas": 1, "max_replicas": 1}
     return {"model": {"checkpoint": str(checkpoint)}, "recommender": dict(tiny), "bm25": dict(tiny),
-            "ingress": dict(tiny), "catalog_sync_s": 0.2, **extra}
+            "ingress": dict(tiny), "generator": dict(tiny), "catalog_sync_s": 0.2, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +312,71 @@ def test_flare_critique_and_text_only_new_items(served, demo_dataset):
     assert full.status_code == 200, full.text
     assert new_idx in {it["item_idx"] for it in full.json()["items"]}
     assert post(url, "/search", {"query": "solar telescope filter", "k": 1}).json()["items"][0]["item_idx"] == new_idx
+
+
+def test_calrec_generator_ranks_its_generations_with_qrr(served, demo_dataset):
+    """A CALRec checkpoint is served by the Generator deployment: the model's own `generations` (seeded
+    sampling) ranked by BM25Search with quasi-round-robin equal offline CALRec score_all; the answer carries
+    the generated texts. Runs after the Flare test: it replaces the app again (Generator instead of Recommender)."""
+    from seqrec.models.registry import load_model
+    from seqrec.retrieval.qrr import qrr_batch
+    from seqrec.serve.deploy import deploy_config, serve_config, with_model
+
+    import shutil
+
+    url = served["url"]
+    # a copy of the catalog: the store starts over (earlier tests changed and added items in this one)
+    catalog = Path(shutil.copytree(demo_dataset.path, served["a"].parent / "demo_copy"))
+    params = {"lm": "tiny", "tiny_dim": 32, "tiny_layers": 1, "tiny_heads": 2, "max_seq_tokens": 160,
+              "max_item_tokens": 32, "n_gen": 4, "max_new_tokens": 12, "gen_batch_users": 4}
+    torch.manual_seed(0)
+    model = build_model("calrec", params, demo_dataset.n_items)
+    ckpt = served["a"].parent / "calrec"
+    ckpt.mkdir()
+    save_state_dict(model, ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps({"model_name": "calrec", "model": model_config_dict(model),
+                                                  "n_items": demo_dataset.n_items, "dataset_path": str(catalog)}))
+    config = serve_config(small_settings(ckpt), "127.0.0.1", int(url.rsplit(":", 1)[1]))  # dataset from config.json
+    assert config["applications"][0]["deployments"][0]["name"] == "Generator"
+    deploy_config(config)
+    info = requests.get(url + "/version", timeout=10).json()["model"]
+    assert info["name"] == "calrec" and info["generator"] and not info["critique"] and not info["new_items"]
+
+    history = [3, 8, 1]
+    resp = post(url, "/recommend", {"history": history, "k": 10})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    gens = body["generations"]
+    assert len(gens) == 4 and all(isinstance(g["text"], str) and g["logprob"] <= 0 for g in gens)
+    # the served items are QRR over exactly these generations (BM25 over the catalog texts)
+    index = BM25Index(demo_dataset.item_texts())
+    row = qrr_batch([[g["text"] for g in gens]], [[g["logprob"] for g in gens]], index)[0]
+    want = np.lexsort((np.arange(len(row)), -row))[:10].tolist()
+    assert [it["item_idx"] for it in body["items"]] == want
+    np.testing.assert_allclose([it["score"] for it in body["items"]], row[want])
+    # ... and the generations are the model's own (a fresh replica samples like a fresh offline model)
+    offline, _ = load_model(ckpt, dataset=demo_dataset, use_ray=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's thread count: same logits, same samples
+    try:
+        batch = make_batch([np.array(history)])
+        texts, lps = offline.generations(batch)[0]
+        offline_scores = offline.score_all(batch)[0].numpy()
+    finally:
+        torch.set_num_threads(threads)
+    assert [g["text"] for g in gens] == texts
+    np.testing.assert_allclose([g["logprob"] for g in gens], lps, rtol=1e-4, atol=1e-4)
+    assert [it["item_idx"] for it in body["items"]] == np.lexsort((np.arange(len(offline_scores)), -offline_scores))[:10].tolist()
+    # the same history again: cached samples, same answer; exclude_history; bad input stays 4xx
+    assert post(url, "/recommend", {"history": history, "k": 10}).json()["items"] == body["items"]
+    excl = post(url, "/recommend", {"history": history, "k": 10, "exclude_history": True}).json()["items"]
+    assert len(excl) == 10 and not set(history) & {it["item_idx"] for it in excl}
+    assert post(url, "/recommend", {"history": history, "critique": "cheaper"}).status_code == 422
+    assert post(url, "/recommend", {"history": [demo_dataset.n_items]}).status_code == 422
+    assert post(url, "/items", {"items": [{"item_id": "NEW-GEN", "title": "x"}]}).status_code == 422
+    # a swap must stay within the generator kind
+    with pytest.raises(ValueError, match="served by the Recommender"):
+        with_model(config, checkpoint=str(served["a"]))
 
 
 def test_model_source_resolution(demo_dataset, tmp_path):

@@ -338,12 +338,14 @@ class Recformer(nn.Module):
         if world == 1:
             matrix = self.encode_sentences(catalog)
         else:
+            # every rank encodes the same number of sentences (the last slice padded with item 0), so all run
+            # the same forwards (ZeRO-3's gathering hooks need that) and the gathered parts line up
             rank, per = dist.get_rank(), math.ceil(len(catalog) / world)
-            part = self.encode_sentences(catalog[rank * per: (rank + 1) * per])
-            padded = torch.zeros(per, part.shape[1], device=part.device)
-            padded[: len(part)] = part
-            gathered = [torch.zeros_like(padded) for _ in range(world)]
-            dist.all_gather(gathered, padded)
+            part = list(catalog[rank * per: (rank + 1) * per])
+            part += [catalog[0]] * (per - len(part))
+            mine = self.encode_sentences(part)
+            gathered = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(gathered, mine)
             matrix = torch.cat(gathered)[: len(catalog)]
         self.item_matrix.copy_(matrix.to(self.item_matrix.dtype))
         self.item_matrix_key.copy_(self._catalog_key)
@@ -367,11 +369,11 @@ class Recformer(nn.Module):
         if not self.item_matrix_is_current() or (every and step > 0 and step % every == 0):
             self.refresh_item_matrix(distributed=True)
 
-    def before_validation(self) -> None:
-        """Called on every rank before rank 0 validates: a model whose I follows its weights re-encodes it, so a
-        checkpoint's I matches its weights. Stage 2 (frozen I) keeps it."""
+    def before_validation(self, distributed: bool = True) -> None:
+        """Called before validation (on every rank when `distributed`): a model whose I follows its weights
+        re-encodes it, so a checkpoint's I matches its weights. Stage 2 (frozen I) keeps it."""
         if self.config.objective == "pretrain" or self.config.item_refresh_every or not self.item_matrix_is_current():
-            self.refresh_item_matrix(distributed=True)
+            self.refresh_item_matrix(distributed=distributed)
 
     def sample_batch(self, parts: Sequence[tuple[list[Sentence], Sequence[np.ndarray], int, int]],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -27,8 +27,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import seqrec
-from seqrec.serve.config import API_KEY_ENV, ServeSettings, resolve_source, settings_from_dict
-from seqrec.serve.deployments import BM25Search, CatalogStore, Recommender
+from seqrec.serve.config import API_KEY_ENV, ServeSettings, is_generative, resolve_source, settings_from_dict
+from seqrec.serve.deployments import BM25Search, CatalogStore, Generator, Recommender
 from seqrec.serve.schemas import (
     ErrorBody,
     ItemsRequest,
@@ -187,7 +187,8 @@ class Ingress:
             return result
         raise HTTPException(status_code=503, detail=f"no healthy replica answered ({type(last).__name__})")
 
-    @api.post("/recommend", response_model=RecommendResponse, responses=_DOCS, dependencies=[Depends(require_api_key)])
+    @api.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True, responses=_DOCS,
+              dependencies=[Depends(require_api_key)])
     async def recommend(self, req: RecommendRequest) -> dict[str, Any]:
         lim = self.settings.limits
         if not req.history:
@@ -293,9 +294,13 @@ def build_app(args: Optional[dict[str, Any]] = None):
     shared = json.loads(json.dumps(args))
     shared.pop("model", None)  # the model travels in user_config so a swap does not restart replicas
     store = CatalogStore.options(user_config={"dataset": source.dataset}).bind()
-    recommender = Recommender.options(
-        user_config={"checkpoint": source.checkpoint, "dataset": source.dataset},
-        **deployment_options(settings.recommender)).bind(shared, store)
     bm25 = BM25Search.options(user_config={"dataset": source.dataset}, **deployment_options(settings.bm25)).bind(shared, store)
-    return Ingress.options(**deployment_options(settings.ingress)).bind(recommender, bm25, store, shared)
+    model_config = {"checkpoint": source.checkpoint, "dataset": source.dataset}
+    if is_generative(source.checkpoint):  # CALRec: samples item texts, BM25Search ranks them (QRR)
+        model = Generator.options(user_config=model_config, **deployment_options(settings.generator)).bind(
+            shared, store, bm25)
+    else:
+        model = Recommender.options(user_config=model_config, **deployment_options(settings.recommender)).bind(
+            shared, store)
+    return Ingress.options(**deployment_options(settings.ingress)).bind(model, bm25, store, shared)
 

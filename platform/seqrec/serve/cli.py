@@ -118,13 +118,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    from seqrec.serve.deploy import MODEL_DEPLOYMENT, deploy_config, deployment_override, with_model
+    from seqrec.serve.deploy import deploy_config, served_model, with_model
 
     path = Path(args.config)
     config = with_model(yaml.safe_load(path.read_text()), args.checkpoint, args.best_record, args.records_dir,
                         args.dataset)
     write_yaml(config, path)
-    print(f"{path}: {MODEL_DEPLOYMENT} now serves {deployment_override(config, MODEL_DEPLOYMENT)['user_config']['checkpoint']}")
+    name, model = served_model(config)
+    print(f"{path}: {name} now serves {model['checkpoint']}")
     if args.deploy:  # the dashboard's REST API, like `serve deploy`
         cmd = ["serve", "deploy", str(path), "--address", args.deploy]
         print(" ".join(cmd))

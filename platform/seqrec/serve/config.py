@@ -20,6 +20,7 @@ from typing import Any
 from seqrec.config import from_dict
 
 API_KEY_ENV = "SEQREC_API_KEY"  # when set, every route except /healthz needs the header X-API-Key
+GENERATIVE_MODELS = ("calrec",)  # served by the Generator deployment (generations -> BM25 QRR), not score_all
 RECORD_CHECKPOINT_KEYS = ("checkpoint", "checkpoint_path", "best_checkpoint", "path")
 
 
@@ -60,6 +61,13 @@ class ServeSettings:
     recommender: ReplicaOptions = field(default_factory=ReplicaOptions)
     bm25: ReplicaOptions = field(default_factory=lambda: ReplicaOptions(num_cpus=0.5, max_replicas=2))
     ingress: ReplicaOptions = field(default_factory=lambda: ReplicaOptions(num_cpus=0.5, max_replicas=2))
+    # generative models (CALRec): sampling is seconds per request, so few requests per replica
+    generator: ReplicaOptions = field(default_factory=lambda: ReplicaOptions(
+        num_cpus=1.0, max_replicas=1, target_ongoing_requests=2, max_ongoing_requests=16, health_check_timeout_s=60))
+    generator_batch_size: int = 4  # users sampled together (each expands to n_gen rows)
+    generator_batch_wait_s: float = 0.01
+    generator_torch_threads: int = 1
+    generation_cache: int = 4096  # cached histories per generator replica before the cache is reset
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.002  # a short wait: batching must not cost more latency than it saves
     catalog_sync_s: float = 0.5  # how often replicas pull catalog additions from the catalog store
@@ -119,7 +127,7 @@ def checkpoint_dataset(checkpoint: str) -> str | None:
     except (OSError, json.JSONDecodeError):
         return None
     data = (meta.get("experiment") or {}).get("data") or {}
-    candidates = []
+    candidates = [Path(meta["dataset_path"])] if isinstance(meta.get("dataset_path"), str) else []  # CALRec
     if data.get("path"):
         candidates.append(Path(data["path"]))
     if data.get("unisrec_dir"):  # training prepared it into cache_dir/<raw dir name>
@@ -128,6 +136,18 @@ def checkpoint_dataset(checkpoint: str) -> str | None:
         if (Path(_abs(c)) / "meta.json").exists():
             return _abs(c)
     return None
+
+
+def checkpoint_model_name(checkpoint: str) -> str | None:
+    try:
+        return json.loads((Path(checkpoint) / "config.json").read_text()).get("model_name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def is_generative(checkpoint: str) -> bool:
+    """Whether the checkpoint is served by the Generator deployment (CALRec) rather than the Recommender."""
+    return checkpoint_model_name(checkpoint) in GENERATIVE_MODELS
 
 
 def resolve_source(source: ModelSource) -> ModelSource:

@@ -177,13 +177,19 @@ class LoadedModel:
         return bool(getattr(self.model, "needs_item_features", False))  # Flare T+ID reads critique text
 
     @property
+    def is_generator(self) -> bool:
+        """Generative recommenders (CALRec) write item texts (`generations`) that BM25 + QRR turn into items."""
+        return callable(getattr(self.model, "generations", None))
+
+    @property
     def supports_new_items(self) -> bool:
         """New items become rankable from their text alone (no retraining): models with text features."""
         return hasattr(self.model, "add_items") and bool(getattr(self.model, "needs_item_features", False))
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "checkpoint": self.checkpoint, "dataset": self.dataset,
-                "n_items": self.n_scored, "critique": self.supports_critique, "new_items": self.supports_new_items}
+                "n_items": self.n_scored, "critique": self.supports_critique, "new_items": self.supports_new_items,
+                "generator": self.is_generator}
 
 
 def load_for_serving(checkpoint: str, dataset: str, encoder_name: str = "minilm") -> LoadedModel:
@@ -264,3 +270,32 @@ def rank(loaded: LoadedModel, catalog: Catalog, requests: Sequence[Prepared]) ->
             results[rows[j]] = {"items": [catalog.describe(a, b) for a, b in zip(idx[: r.k], val[: r.k])]}
     return results  # type: ignore[return-value]
 
+
+
+# ------------------------------------------------------------------------------------------- generators
+@torch.no_grad()
+def generate(loaded: LoadedModel, requests: Sequence[Prepared]) -> list[tuple[list[str], list[float]]]:
+    """Per request: (sampled item texts, their sequence log-probs) from the model's own `generations`
+    (CALRec: prompt template, KV-cached temperature sampling, untempered log-probs; cached per history)."""
+    model = loaded.model
+    batch = make_batch([r.history for r in requests], max_len=getattr(model, "max_len", None))
+    return model.generations(batch)
+
+
+def qrr_rank(index, catalog: Catalog, samples: Sequence[tuple[list[str], list[float]]], requests: Sequence[Prepared],
+             n_preds: int, epsilon: float) -> list[dict[str, Any]]:
+    """Top-k catalog items per request from its generations: `seqrec.retrieval.qrr.qrr_batch` over the BM25
+    index (what offline CALRec `score_all` ranks with retrieval="qrr"), then the exact top-k of `rank`."""
+    from seqrec.retrieval.qrr import qrr_batch
+
+    scores = torch.from_numpy(qrr_batch([s for s, _ in samples], [lp for _, lp in samples], index, n_preds, epsilon))
+    n = min(scores.shape[1], len(catalog))
+    scores = scores[:, :n]
+    for j, r in enumerate(requests):
+        if r.exclude_history:
+            hist = torch.from_numpy(r.history)
+            scores[j, hist[hist < n]] = float("-inf")
+    out = []
+    for r, (idx, val) in zip(requests, top_k_rows(scores, max(r.k for r in requests))):
+        out.append({"items": [catalog.describe(a, b) for a, b in zip(idx[: r.k], val[: r.k])]})
+    return out

@@ -18,7 +18,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 APP_NAME = "seqrec"
-MODEL_DEPLOYMENT = "Recommender"
+MODEL_DEPLOYMENT = "Recommender"  # score_all models (SASRec, Bert4Rec, Flare)
+GENERATOR_DEPLOYMENT = "Generator"  # generative models (CALRec)
+
+
+def model_deployment(checkpoint: str) -> str:
+    """The deployment whose user_config names the model: Generator for CALRec, else Recommender."""
+    from seqrec.serve.config import is_generative
+
+    return GENERATOR_DEPLOYMENT if is_generative(checkpoint) else MODEL_DEPLOYMENT
 
 
 def serve_config(settings: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
@@ -38,7 +46,7 @@ def serve_config(settings: dict[str, Any], host: str = "127.0.0.1", port: int = 
             "name": APP_NAME, "route_prefix": "/", "import_path": "seqrec.serve.app:build_app", "args": args,
             "logging_config": logging,
             # the model is this deployment's user_config: changing only this block swaps it in place
-            "deployments": [{"name": MODEL_DEPLOYMENT, "user_config": dict(args["model"])}],
+            "deployments": [{"name": model_deployment(source.checkpoint), "user_config": dict(args["model"])}],
         }],
     }
 
@@ -60,18 +68,31 @@ def deployment_override(config: dict[str, Any], name: str) -> dict[str, Any]:
     return d
 
 
+def served_model(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(deployment name, its user_config {"checkpoint", "dataset"}) of the model a config serves."""
+    app = _app(config)
+    for d in app.get("deployments", []):
+        if d.get("name") in (MODEL_DEPLOYMENT, GENERATOR_DEPLOYMENT) and d.get("user_config"):
+            return d["name"], dict(d["user_config"])
+    current = dict(app["args"]["model"])
+    return model_deployment(current["checkpoint"]), current
+
+
 def with_model(config: dict[str, Any], checkpoint: str | None = None, best_record: str | None = None,
                records_dir: str = "runs/tune", dataset: str | None = None) -> dict[str, Any]:
     """A copy of `config` whose Recommender serves another checkpoint of the same catalog (validated)."""
     from seqrec.serve.config import ModelSource, resolve_source
 
     config = copy.deepcopy(config)
-    rec = deployment_override(config, MODEL_DEPLOYMENT)
-    current = rec.get("user_config") or _app(config)["args"]["model"]
+    kind, current = served_model(config)
+    rec = deployment_override(config, kind)
     source = resolve_source(ModelSource(checkpoint=checkpoint, best_record=best_record, records_dir=records_dir,
                                         dataset=dataset or current.get("dataset")))
     if source.dataset != current.get("dataset"):
         raise ValueError(f"a swap keeps the catalog: {source.dataset} is not the served {current.get('dataset')}")
+    if model_deployment(source.checkpoint) != kind:
+        raise ValueError(f"{source.checkpoint} is served by the {model_deployment(source.checkpoint)} deployment, the "
+                         f"running model by {kind}: deploy a new config (`seqrec serve config`) instead of a swap")
     rec["user_config"] = {"checkpoint": source.checkpoint, "dataset": source.dataset}
     return config
 

@@ -32,7 +32,9 @@ from seqrec.serve.core import (
     Prepared,
     RequestError,
     add_items_to_model,
+    generate,
     load_for_serving,
+    qrr_rank,
     rank,
 )
 
@@ -239,9 +241,10 @@ class BM25Search(_CatalogFollower):
     """BM25 over the item texts (`seqrec.retrieval.bm25.BM25Index`): text search for the API and the
     retrieval step of generative recommenders.
 
-    Hook for CALRec's generator deployment: call `top_k_batch(texts, k)` (or `score_queries`) through this
-    deployment's handle with the generated item texts, then merge the per-sample rankings with
-    `seqrec.retrieval.qrr` (quasi-round-robin). The generator itself is not built here.
+    Generative recommenders: the `Generator` deployment sends a batch's sampled texts and log-probs to
+    `qrr_rank`, which merges them with `seqrec.retrieval.qrr.qrr_batch` over this index (the catalog as the
+    store has it, text updates included) and returns the top-k items; `top_k_batch` / `score_queries` give
+    the raw per-text rankings / BM25 rows.
     """
 
     def __init__(self, settings: dict[str, Any], store) -> None:
@@ -322,3 +325,136 @@ class BM25Search(_CatalogFollower):
         index, _ = self._state
         with self._lock:
             return index.score_batch(queries)
+
+    def qrr_rank(self, samples: list[tuple[list[str], list[float]]], requests: list[Prepared], n_preds: int,
+                 epsilon: float) -> dict[str, Any]:
+        """Per request: top-k items by quasi-round-robin over its generations (see core.qrr_rank)."""
+        index, catalog = self._state
+        with self._lock:
+            return {"results": qrr_rank(index, catalog, samples, requests, n_preds, epsilon),
+                    "catalog_version": catalog.version}
+
+
+# ------------------------------------------------------------------------------------------- generator
+@serve.deployment
+class Generator(_CatalogFollower):
+    """Generative recommender (CALRec): the model samples item texts for a history with its own
+    `generations` (core.generate), and the `BM25Search` deployment ranks the catalog from them with
+    quasi-round-robin (`BM25Search.qrr_rank` -> `seqrec.retrieval.qrr.qrr_batch`): offline CALRec's
+    `score_all(retrieval="qrr")` path, split over two deployments. Replaces `Recommender` in the app when
+    the served checkpoint is a CALRec model; /recommend answers carry the generated texts.
+
+    Samples are cached per history by the model (the same history gets the same generations until the cache
+    is reset after `generation_cache` entries or a model swap); the sampling RNG is seeded per model load.
+    """
+
+    def __init__(self, settings: dict[str, Any], store, bm25) -> None:
+        import torch
+
+        self.settings = settings_from_dict(settings)
+        self.store, self.bm25 = store, bm25
+        torch.set_num_threads(max(1, self.settings.generator_torch_threads))
+        self._state: tuple[LoadedModel, Catalog] | None = None
+        self._lock = threading.Lock()  # sampling (thread) vs catalog sync / swaps
+        self._source: dict[str, Any] | None = None
+        self._last_error: str | None = None
+        self._swaps = 0
+        self._generate_batch.set_max_batch_size(self.settings.generator_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.settings.generator_batch_wait_s)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if user_config == self._source and self._state is not None:
+            return
+        try:
+            loaded = await asyncio.to_thread(load_for_serving, user_config["checkpoint"], user_config["dataset"],
+                                             self.settings.encoder)
+            if not loaded.is_generator:
+                raise ValueError(f"{user_config['checkpoint']} is a {loaded.name!r} model, not a generator "
+                                 "(it ranks with score_all: serve it with the Recommender deployment)")
+            catalog = await asyncio.to_thread(Catalog.from_dataset, user_config["dataset"])
+            changes = await self._changes_since(0)
+            await asyncio.to_thread(self._apply_changes, catalog, changes)
+        except Exception as e:
+            if self._state is None:
+                raise
+            self._last_error = f"swap to {user_config.get('checkpoint')} failed: {type(e).__name__}: {e}"
+            log.error("%s; still serving %s", self._last_error, self._state[0].version)
+            return
+        old = self._state
+        with self._lock:
+            self._state = (loaded, catalog)
+        self._source, self._last_error = dict(user_config), None
+        self._swaps += old is not None
+        log.info("generating with %s (%d items)", loaded.version, len(catalog))
+        self._start_sync()
+
+    def _apply_changes(self, catalog: Catalog, changes: list[CatalogChange]) -> None:
+        with self._lock:  # ids and titles only: the store refuses new items for generators (no add_items)
+            for c in changes:
+                if c.version > catalog.version:
+                    catalog.apply(c)
+
+    async def sync_catalog(self) -> int:
+        state = self._state
+        if state is None:
+            return 0
+        changes = await self._changes_since(state[1].version)
+        if changes:
+            await asyncio.to_thread(self._apply_changes, state[1], changes)
+        return state[1].version
+
+    def check_health(self) -> None:
+        if self._state is None:
+            raise RuntimeError("no model loaded")
+
+    def info(self) -> dict[str, Any]:
+        if self._state is None:
+            return {"ready": False, "error": self._last_error}
+        loaded, catalog = self._state
+        cfg = loaded.model.config
+        return {"ready": True, **loaded.info(), "catalog_version": catalog.version, "catalog_items": len(catalog),
+                "replica": _replica_id(), "pid": os.getpid(), "swaps": self._swaps, "last_swap_error": self._last_error,
+                "n_gen": cfg.n_gen, "max_new_tokens": cfg.max_new_tokens}
+
+    async def recommend(self, payload: dict[str, Any]) -> dict[str, Any]:
+        state = self._state
+        if state is None:
+            return RequestError(503, "model is loading").as_dict()
+        loaded, catalog = state
+        try:
+            if payload.get("critique") is not None:
+                raise RequestError(422, f"model {loaded.name!r} does not take critiques; send the request without 'critique'")
+            n = loaded.n_scored  # the model prompts with the item texts it was trained on
+            prepared = Prepared(history=catalog.resolve(payload["history"]), k=int(payload["k"]), critique=None,
+                                exclude_history=bool(payload.get("exclude_history")))
+            if (prepared.history >= n).any():
+                raise RequestError(422, f"history items must be among the model's {n} catalog items")
+        except RequestError as e:
+            return e.as_dict()
+        return await self._generate_batch(prepared)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, requests: list[Prepared]) -> list[dict[str, Any]]:
+        loaded, _ = self._state
+        cfg = loaded.model.config
+        try:
+            samples = await asyncio.to_thread(self._generate_locked, loaded, requests)
+            ranked = await self.bm25.qrr_rank.remote(samples, requests, cfg.n_preds, cfg.epsilon)
+        except Exception as e:
+            log.exception("generation failed")
+            return [RequestError(500, f"generation failed: {type(e).__name__}: {e}").as_dict()] * len(requests)
+        model = {"name": loaded.name, "version": loaded.version, "checkpoint": loaded.checkpoint}
+        out = []
+        for r, (texts, lps) in zip(ranked["results"], samples):
+            r["generations"] = [{"text": t, "logprob": float(lp)} for t, lp in zip(texts, lps)]
+            r["model"], r["catalog_version"] = model, ranked["catalog_version"]
+            out.append(r)
+        return out
+
+    def _generate_locked(self, loaded: LoadedModel, requests: list[Prepared]):
+        with self._lock:
+            samples = generate(loaded, requests)
+            cache = getattr(loaded.model, "_gen_cache", None)
+            if cache is not None and len(cache) > self.settings.generation_cache:
+                loaded.model.reset_samples()  # bounded memory; also restarts the seeded sampling RNG
+            return samples

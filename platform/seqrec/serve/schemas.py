@@ -37,10 +37,17 @@ class ModelInfo(BaseModel):
     checkpoint: str
 
 
+class Generation(BaseModel):
+    text: str
+    logprob: float = Field(..., description="sequence log-probability under the (untempered) model")
+
+
 class RecommendResponse(BaseModel):
     items: list[ScoredItem]
     model: ModelInfo
     catalog_version: int
+    generations: Optional[list[Generation]] = Field(
+        None, description="generative models (CALRec) only: the sampled item texts the items were retrieved from")
 
 
 class SearchRequest(_Strict):
