@@ -251,3 +251,24 @@ def test_staged_run_on_scientific(ray_session, scientific_dataset, demo_dataset,
     meta = json.loads((Path(ft2["best_checkpoint"]) / "config.json").read_text())
     assert meta["model_name"] == "recformer" and meta["model"]["objective"] == "finetune"
     assert meta["model"]["item_refresh_every"] == 0
+
+
+def test_two_worker_finetuning_gathers_the_item_matrix(ray_session, scientific_dataset, tmp_path):
+    """DDP on 2 Ray Train workers: each encodes half the catalog and they all-gather I; the checkpoint's I equals
+    a single-process encoding of the checkpoint's own weights (stage 1 re-encodes before validating)."""
+    from seqrec.models.registry import load_model
+    from seqrec.train.staged_loop import load_staged_config, run_staged
+
+    sci = str(scientific_dataset.path)
+    cfg = load_staged_config("recformer_tiny", {
+        "stages.0.enabled": False, "stages.2.enabled": False, "stages.1.datasets": [{"path": sci}],
+        "stages.1.train.steps": 3, "stages.1.train.eval_every": 3, "stages.1.train.batch_size": 4,
+        "scaling.num_workers": 2, "run.storage_path": str(tmp_path), "run.name": "ddp", "run.test": False})
+    summary = run_staged(cfg)
+    (stage,) = summary["stages"]
+    assert stage["final_step"] == 3
+    model, _ = load_model(stage["best_checkpoint"], dataset=scientific_dataset)
+    assert model.item_matrix_is_current()
+    stored = model.item_matrix.clone()
+    model.refresh_item_matrix()
+    assert torch.allclose(stored, model.item_matrix, atol=1e-5)

@@ -255,6 +255,12 @@ class Recformer(nn.Module):
         nn.init.zeros_(self.item_position.weight)
         self.mlm_head = MLMHead(dim, self.encoder.embeddings.word_embeddings,
                                 eps=getattr(self.encoder.config, "layer_norm_eps", 1e-12))
+        # parameters this objective / ablation never uses get no gradient (DDP requires every trainable one to)
+        head_only = [self.mlm_head.dense.weight, self.mlm_head.dense.bias, self.mlm_head.bias, *self.mlm_head.norm.parameters()]
+        for p in head_only:
+            p.requires_grad_(config.objective == "pretrain")
+        self.token_type.weight.requires_grad_(config.token_type_embedding)
+        self.item_position.weight.requires_grad_(config.item_position_embedding)
         # I: the catalog encoded by this model (normalised rows), and which catalog that is
         self.register_buffer("item_matrix", torch.zeros(self.n_items, dim))
         self.register_buffer("item_matrix_key", torch.zeros(2, dtype=torch.long))
@@ -262,6 +268,7 @@ class Recformer(nn.Module):
                                     config.max_seq_tokens, config.max_items)
         self.catalog: list[Sentence] | None = None
         self._catalog_key: torch.Tensor | None = None
+        self._fresh_from_validation = False  # I was just re-encoded by before_validation (weights unchanged since)
 
     @property
     def max_len(self) -> int:  # history items the evaluator / server pass in
@@ -366,7 +373,9 @@ class Recformer(nn.Module):
         if self.config.objective != "finetune":
             return
         every = self.config.item_refresh_every
-        if not self.item_matrix_is_current() or (every and step > 0 and step % every == 0):
+        due = bool(every) and step > 0 and step % every == 0 and not self._fresh_from_validation
+        self._fresh_from_validation = False
+        if not self.item_matrix_is_current() or due:
             self.refresh_item_matrix(distributed=True)
 
     def before_validation(self, distributed: bool = True) -> None:
@@ -374,6 +383,7 @@ class Recformer(nn.Module):
         re-encodes it, so a checkpoint's I matches its weights. Stage 2 (frozen I) keeps it."""
         if self.config.objective == "pretrain" or self.config.item_refresh_every or not self.item_matrix_is_current():
             self.refresh_item_matrix(distributed=distributed)
+            self._fresh_from_validation = True
 
     def sample_batch(self, parts: Sequence[tuple[list[Sentence], Sequence[np.ndarray], int, int]],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
