@@ -3,8 +3,10 @@
     python benchmarks/bench_serve.py --checkpoint runs/train/sasrec_scientific/checkpoint_00000700 \
         [--swap-to OTHER_CHECKPOINT] [--phases load,fuzz,faults,swap] [--requests 2000] [--concurrency 20]
 
-Starts a private local Ray instance and the seqrec app on loopback (a free port), drives it with an asyncio
-HTTP client in this process, prints the figures and writes benchmarks/results/serve_<time>.json.
+Starts a private local Ray instance and the seqrec app on loopback (a free port), drives it with a raw asyncio
+keep-alive HTTP client in this process, prints the figures and writes benchmarks/results/serve_<time>.json.
+The fast path (README "Latency"): --set score_in_ingress=true --serve-env RAY_SERVE_ENABLE_HA_PROXY=1
+--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (needs an haproxy binary: apt-get install haproxy).
 
 - load: `--requests` POST /recommend at `--concurrency` clients, histories from the dataset's test split;
   p50/p95/p99 latency, throughput, errors. Repeated with critique text when the model takes critiques.
@@ -50,8 +52,8 @@ def percentiles(lat_s: list[float]) -> dict[str, float]:
 
 class _Conn:
     """One keep-alive HTTP/1.1 connection (asyncio streams). The load generator shares the 2 cores with the
-    service, so it is a few lines of bytes handling instead of a client library: aiohttp spent about as much CPU
-    per request as the proxy it was measuring."""
+    service, so it is a few lines of bytes handling instead of a client library (measured ~0.2-0.4 ms CPU per
+    request, see the "cpu" split in the results)."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -162,6 +164,35 @@ async def drive(url: str, bodies: list, concurrency: int, path: str = "/recommen
     return {"lat": lat, "status": status, "done_at": done_at, "wall_s": wall, "t0": t0}
 
 
+def cpu_snapshot() -> dict:
+    """CPU seconds (user + system) of every process on the machine, by pid, with a short name."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        try:
+            t = proc.info["cpu_times"]
+            cmd = " ".join(proc.info["cmdline"] or [])[:120] or proc.info["name"]
+            out[proc.info["pid"]] = (cmd, t.user + t.system + getattr(t, "children_user", 0) * 0)
+        except (psutil.Error, TypeError):
+            continue
+    return out
+
+
+def cpu_split(before: dict, after: dict, n_requests: int, top: int = 10) -> dict:
+    """Where the machine's CPU went between two snapshots: the busiest processes, CPU ms per request."""
+    used = []
+    for pid, (cmd, t1) in after.items():
+        t0 = before.get(pid, (cmd, 0.0))[1]
+        if t1 - t0 > 0.05:
+            used.append((t1 - t0, pid, cmd))
+    used.sort(reverse=True)
+    total = sum(u for u, _, _ in used)
+    return {"total_cpu_s": round(total, 2), "cpu_ms_per_request": round(1000 * total / max(1, n_requests), 2),
+            "top": [{"cpu_s": round(u, 2), "ms_per_request": round(1000 * u / max(1, n_requests), 2), "pid": pid,
+                     "process": cmd} for u, pid, cmd in used[:top]]}
+
+
 def load_summary(run: dict, n: int) -> dict:
     ok = [l for l, s in zip(run["lat"], run["status"]) if s == 200]
     errors = sum(s != 200 for s in run["status"])
@@ -216,7 +247,7 @@ def main() -> None:
     from ray import serve
 
     from seqrec.data.dataset import PreparedDataset
-    from seqrec.serve.deploy import deploy_config, deployment_override, serve_config, with_model
+    from seqrec.serve.deploy import deploy_config, deployment_override, serve_config, served_model, with_model
     from seqrec.serve.fuzz import malformed_requests
 
     model = {"checkpoint": args.checkpoint} if args.checkpoint else {"best_record": args.best_record}
@@ -261,16 +292,21 @@ def main() -> None:
                     print(report["load_critique"])
                     continue
                 load1 = os.getloadavg()[0]
-                run = asyncio.run(drive(url, recommend_bodies(histories, args.requests, rng, critique=critique),
-                                        args.concurrency))
+                bodies = recommend_bodies(histories, args.requests, rng, critique=critique)
+                cpu0 = cpu_snapshot()
+                run = asyncio.run(drive(url, bodies, args.concurrency))
+                cpu = cpu_split(cpu0, cpu_snapshot(), args.requests)
                 s = load_summary(run, args.requests)
+                s["cpu"] = cpu
                 s["loadavg_1m_before"] = load1
                 s["loadavg_1m_after"] = os.getloadavg()[0]
                 key = "load_critique" if critique else "load"
                 report[key] = s
                 print(f"[{key}] {args.requests} requests, {args.concurrency} clients: p50 {s.get('p50_ms', 0):.1f} ms, "
                       f"p95 {s.get('p95_ms', 0):.1f} ms, p99 {s.get('p99_ms', 0):.1f} ms, "
-                      f"{s['throughput_rps']:.0f} req/s, errors {s['errors']} (loadavg {load1:.2f})")
+                      f"{s['throughput_rps']:.0f} req/s, errors {s['errors']} (loadavg {load1:.2f}); "
+                      f"CPU {cpu['cpu_ms_per_request']:.1f} ms/request: "
+                      + ", ".join(f"{t['process'][:40]} {t['ms_per_request']:.1f}" for t in cpu["top"][:6]))
 
         if "fuzz" in phases:
             cases = malformed_requests(np.random.default_rng(1), args.fuzz, dataset.n_items)
@@ -285,7 +321,8 @@ def main() -> None:
 
         if "faults" in phases:
             cfg2 = copy.deepcopy(config)
-            deployment_override(cfg2, "Recommender")["num_replicas"] = 2
+            target = served_model(config)[0]  # Recommender, or Ingress with score_in_ingress
+            deployment_override(cfg2, target)["num_replicas"] = 2
             deploy_config(cfg2)
             pids, deadline = set(), time.time() + 60
             while len(pids) < 2 and time.time() < deadline:
@@ -306,7 +343,7 @@ def main() -> None:
             recovered = None
             deadline = time.time() + 120
             while time.time() < deadline:
-                st = serve.status().applications["seqrec"].deployments["Recommender"]
+                st = serve.status().applications["seqrec"].deployments[target]
                 if st.status == "HEALTHY" and st.replica_states.get("RUNNING", 0) == 2:
                     recovered = time.perf_counter() - killed["t"]
                     break
@@ -315,7 +352,7 @@ def main() -> None:
             report["faults"] = {"requests": len(bodies), "failed": failed, "failed_share": failed / len(bodies),
                                 "killed_pid": victim, "recovery_s": recovered,
                                 "requests_completed_after_kill": len(after), **load_summary(run, len(bodies))}
-            print(f"[faults] killed recommender replica pid {victim} under load: {failed}/{len(bodies)} failed "
+            print(f"[faults] killed {target} replica pid {victim} under load: {failed}/{len(bodies)} failed "
                   f"({100 * failed / len(bodies):.2f}%), replacement running after "
                   f"{recovered if recovered is None else round(recovered, 1)} s; p99 {report['faults'].get('p99_ms', 0):.1f} ms")
             deploy_config(config)  # back to one replica
@@ -343,16 +380,18 @@ def main() -> None:
                   f"replica reconfigured in place: {before['pid'] == after['pid']}; p99 {report['swap'].get('p99_ms', 0):.1f} ms")
         elif "swap" in phases:
             print("[swap] skipped: pass --swap-to CHECKPOINT")
+    except Exception as e:  # keep the phases that ran
+        report["error"] = f"{type(e).__name__}: {e}"
+        raise
     finally:
         serve.shutdown()
         import ray
 
         ray.shutdown()
-
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serve_{time.strftime('%Y%m%d_%H%M%S')}{'_' + args.tag if args.tag else ''}.json"
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {out}")
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"serve_{time.strftime('%Y%m%d_%H%M%S')}{'_' + args.tag if args.tag else ''}.json"
+        out.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -248,14 +248,49 @@ def test_api_key_dependency(monkeypatch):
 
     from seqrec.serve.app import require_api_key
 
+    import asyncio
+
     monkeypatch.delenv("SEQREC_API_KEY", raising=False)
-    require_api_key(None)  # no key configured: open
+    asyncio.run(require_api_key(None))  # no key configured: open
     monkeypatch.setenv("SEQREC_API_KEY", "s3cret")
-    require_api_key("s3cret")
+    asyncio.run(require_api_key("s3cret"))
     for wrong in (None, "nope"):
         with pytest.raises(HTTPException) as e:
-            require_api_key(wrong)
+            asyncio.run(require_api_key(wrong))
         assert e.value.status_code == 401
+
+
+def test_score_in_ingress_same_rankings_and_swap(served, demo_dataset):
+    """score_in_ingress: the ingress replica ranks with the Recommender's code (one Serve hop fewer); rankings
+    still equal offline score_all, the model is the Ingress's user_config and a swap reconfigures it in place."""
+    from seqrec.models.registry import load_model
+    from seqrec.serve.deploy import deploy_config, serve_config, served_model, with_model
+
+    url = served["url"]
+    config = serve_config(small_settings(served["a"], score_in_ingress=True), "127.0.0.1", int(url.rsplit(":", 1)[1]))
+    assert served_model(config)[0] == "Ingress"
+    deploy_config(config)
+    info = requests.get(url + "/version", timeout=10).json()
+    assert info["model"]["version"].startswith("sasrec@a#")
+    histories = demo_dataset.eval_rows("test").histories[:16]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda h: post(url, "/recommend", {"history": h.tolist(), "k": 10}), histories))
+    model, _ = load_model(served["a"])
+    for resp, (idx, _) in zip(responses, offline_top_k(model, histories, 10)):
+        assert resp.status_code == 200, resp.text
+        assert [it["item_idx"] for it in resp.json()["items"]] == idx
+    assert post(url, "/recommend", {"history": [1], "critique": "x"}).status_code == 422  # errors keep their status
+    assert post(url, "/recommend", {"history": [10**6]}).status_code == 422
+    swapped = with_model(config, checkpoint=str(served["b"]))
+    deploy_config(swapped)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        after = requests.get(url + "/version", timeout=10).json()["model"]
+        if after["version"].startswith("sasrec@b#"):
+            break
+        time.sleep(0.2)
+    assert after["version"].startswith("sasrec@b#") and after["pid"] == info["model"]["pid"]  # in place
+    assert post(url, "/recommend", {"history": [1, 2], "k": 3}).json()["model"]["version"] == after["version"]
 
 
 def test_flare_critique_and_text_only_new_items(served, demo_dataset):

@@ -129,7 +129,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
-def require_api_key(x_api_key: Optional[str] = Header(None)) -> None:
+async def require_api_key(x_api_key: Optional[str] = Header(None)) -> None:  # async: no threadpool hop
     expected = os.environ.get(API_KEY_ENV)
     if expected and not (x_api_key and hmac.compare_digest(x_api_key.encode(), expected.encode())):
         raise HTTPException(status_code=401, detail=f"missing or wrong X-API-Key (the server has {API_KEY_ENV} set)")
@@ -160,10 +160,34 @@ _DOCS = {s: {"model": ErrorBody, "description": d} for s, d in _ERRORS.items()}
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
+    """The HTTP API. `recommender` is the model deployment's handle (Recommender or Generator), or None with
+    `score_in_ingress`: then this replica ranks itself with the Recommender's code (model = this deployment's
+    user_config), which saves a Serve hop per request."""
+
     def __init__(self, recommender, bm25, store, settings: dict[str, Any]) -> None:
         self.recommender, self.bm25, self.store = recommender, bm25, store
         self.settings: ServeSettings = settings_from_dict(settings)
         api.state.max_body_bytes = self.settings.limits.max_body_bytes
+        self.local = Recommender.func_or_class(settings, store) if recommender is None else None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Only with score_in_ingress (the model is this deployment's user_config): load/swap in place."""
+        if self.local is not None:
+            await self.local.reconfigure(user_config)
+
+    def check_health(self) -> None:
+        if self.local is not None:
+            self.local.check_health()
+
+    async def _model(self, method: str, *args) -> dict[str, Any]:
+        if self.local is None:
+            return await self._call(self.recommender, method, *args)
+        result = getattr(self.local, method)(*args)
+        if asyncio.iscoroutine(result):
+            result = await result
+        if isinstance(result, dict) and "error" in result:
+            raise HTTPException(status_code=int(result["error"]["status"]), detail=result["error"]["message"])
+        return result
 
     async def _call(self, handle, method: str, *args) -> dict[str, Any]:
         """Call a deployment; retry on another replica if the one serving it died; 503 if none answers."""
@@ -203,7 +227,8 @@ class Ingress:
             if isinstance(item, str):
                 _check_text(item, "history item", MAX_ITEM_ID_CHARS)
         payload = {"history": req.history, "k": req.k, "critique": critique, "exclude_history": req.exclude_history}
-        return await self._call(self.recommender, "recommend", payload)
+        # the answer is plain JSON types already: skip FastAPI's response_model re-validation (docs keep the schema)
+        return JSONResponse(await self._model("recommend", payload))
 
     @api.post("/search", response_model=SearchResponse, responses=_DOCS, dependencies=[Depends(require_api_key)])
     async def search(self, req: SearchRequest) -> dict[str, Any]:
@@ -238,7 +263,7 @@ class Ingress:
             if not title and not text.strip():
                 raise HTTPException(status_code=422, detail=f"item {item_id!r} has neither title nor text")
             rows.append({"item_id": item_id, "title": title, "text": text})
-        info = await self._call(self.recommender, "info")
+        info = await self._model("info")
         result = await self._call(self.store, "submit", rows, bool(info.get("new_items")))
         return {**result, "visible_within_s": 2 * self.settings.catalog_sync_s}
 
@@ -246,7 +271,7 @@ class Ingress:
     async def healthz(self) -> dict[str, Any]:
         try:
             rec, bm = await asyncio.wait_for(
-                asyncio.gather(self._call(self.recommender, "info"), self._call(self.bm25, "info")), timeout=10)
+                asyncio.gather(self._model("info"), self._call(self.bm25, "info")), timeout=10)
         except (asyncio.TimeoutError, HTTPException) as e:
             raise HTTPException(status_code=503, detail=f"not ready: {type(e).__name__}") from None
         if not (rec.get("ready") and bm.get("ready")):
@@ -255,7 +280,7 @@ class Ingress:
 
     @api.get("/version", dependencies=[Depends(require_api_key)])
     async def version(self) -> dict[str, Any]:
-        rec = await self._call(self.recommender, "info")
+        rec = await self._model("info")
         bm = await self._call(self.bm25, "info")
         return {"seqrec": getattr(seqrec, "__version__", "0"), "model": rec, "bm25": bm,
                 "catalog_version": await self._call(self.store, "version")}
@@ -299,6 +324,9 @@ def build_app(args: Optional[dict[str, Any]] = None):
     if is_generative(source.checkpoint):  # CALRec: samples item texts, BM25Search ranks them (QRR)
         model = Generator.options(user_config=model_config, **deployment_options(settings.generator)).bind(
             shared, store, bm25)
+    elif settings.score_in_ingress:
+        return Ingress.options(user_config=model_config, **deployment_options(settings.ingress)).bind(
+            None, bm25, store, shared)
     else:
         model = Recommender.options(user_config=model_config, **deployment_options(settings.recommender)).bind(
             shared, store)

@@ -74,6 +74,10 @@ class ServeSettings:
     torch_threads: int = 1  # per replica; replicas scale out, not up (one core each on this class of machine)
     encoder: str = "minilm"  # text encoder for models that read item text features / critiques
     access_log: bool = False  # Serve's per-request log lines (proxy and each replica)
+    # Rank inside the ingress replicas (score_all models only): one Serve hop fewer per request. The model is
+    # then the Ingress deployment's user_config (swaps still reconfigure in place) and `ingress` sets the
+    # replicas; a killed ingress replica fails the requests it holds (no replica behind it to retry on).
+    score_in_ingress: bool = False
 
 
 def settings_from_dict(data: dict[str, Any] | None) -> ServeSettings:

@@ -20,20 +20,26 @@ log = logging.getLogger(__name__)
 APP_NAME = "seqrec"
 MODEL_DEPLOYMENT = "Recommender"  # score_all models (SASRec, Bert4Rec, Flare)
 GENERATOR_DEPLOYMENT = "Generator"  # generative models (CALRec)
+INGRESS_DEPLOYMENT = "Ingress"  # score_all models with score_in_ingress
+MODEL_DEPLOYMENTS = (MODEL_DEPLOYMENT, GENERATOR_DEPLOYMENT, INGRESS_DEPLOYMENT)
 
 
-def model_deployment(checkpoint: str) -> str:
-    """The deployment whose user_config names the model: Generator for CALRec, else Recommender."""
+def model_deployment(checkpoint: str, score_in_ingress: bool = False) -> str:
+    """The deployment whose user_config names the model: Generator for CALRec, Ingress for score_all models
+    ranked in the ingress, else Recommender."""
     from seqrec.serve.config import is_generative
 
-    return GENERATOR_DEPLOYMENT if is_generative(checkpoint) else MODEL_DEPLOYMENT
+    if is_generative(checkpoint):
+        return GENERATOR_DEPLOYMENT
+    return INGRESS_DEPLOYMENT if score_in_ingress else MODEL_DEPLOYMENT
 
 
 def serve_config(settings: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
     """A ServeDeploySchema dict for `settings` with absolute, validated model/catalog paths."""
     from seqrec.serve.config import resolve_source, settings_from_dict
 
-    source = resolve_source(settings_from_dict(settings).model)
+    parsed = settings_from_dict(settings)
+    source = resolve_source(parsed.model)
     args = copy.deepcopy(settings)
     args["model"] = {"checkpoint": source.checkpoint, "dataset": source.dataset}
     # per-request access log lines (proxy + every replica hop) cost more CPU than ranking on a small machine
@@ -46,7 +52,8 @@ def serve_config(settings: dict[str, Any], host: str = "127.0.0.1", port: int = 
             "name": APP_NAME, "route_prefix": "/", "import_path": "seqrec.serve.app:build_app", "args": args,
             "logging_config": logging,
             # the model is this deployment's user_config: changing only this block swaps it in place
-            "deployments": [{"name": model_deployment(source.checkpoint), "user_config": dict(args["model"])}],
+            "deployments": [{"name": model_deployment(source.checkpoint, parsed.score_in_ingress),
+                             "user_config": dict(args["model"])}],
         }],
     }
 
@@ -72,10 +79,10 @@ def served_model(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(deployment name, its user_config {"checkpoint", "dataset"}) of the model a config serves."""
     app = _app(config)
     for d in app.get("deployments", []):
-        if d.get("name") in (MODEL_DEPLOYMENT, GENERATOR_DEPLOYMENT) and d.get("user_config"):
+        if d.get("name") in MODEL_DEPLOYMENTS and (d.get("user_config") or {}).get("checkpoint"):
             return d["name"], dict(d["user_config"])
     current = dict(app["args"]["model"])
-    return model_deployment(current["checkpoint"]), current
+    return model_deployment(current["checkpoint"], bool(app["args"].get("score_in_ingress"))), current
 
 
 def with_model(config: dict[str, Any], checkpoint: str | None = None, best_record: str | None = None,
@@ -90,14 +97,15 @@ def with_model(config: dict[str, Any], checkpoint: str | None = None, best_recor
                                         dataset=dataset or current.get("dataset")))
     if source.dataset != current.get("dataset"):
         raise ValueError(f"a swap keeps the catalog: {source.dataset} is not the served {current.get('dataset')}")
-    if model_deployment(source.checkpoint) != kind:
-        raise ValueError(f"{source.checkpoint} is served by the {model_deployment(source.checkpoint)} deployment, the "
-                         f"running model by {kind}: deploy a new config (`seqrec serve config`) instead of a swap")
+    wanted = model_deployment(source.checkpoint, kind == INGRESS_DEPLOYMENT)
+    if wanted != kind:
+        raise ValueError(f"{source.checkpoint} is served by the {wanted} deployment, the running model by {kind}: "
+                         "deploy a new config (`seqrec serve config`) instead of a swap")
     rec["user_config"] = {"checkpoint": source.checkpoint, "dataset": source.dataset}
     return config
 
 
-def deploy_config(config: dict[str, Any], timeout_s: float = 300.0) -> None:
+def deploy_config(config: dict[str, Any], timeout_s: float = 300.0, unhealthy_grace_s: float = 60.0) -> None:
     """Apply a Serve config on the connected Ray cluster and wait until the app is RUNNING."""
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ApplicationStatus, ServeDeploySchema
@@ -107,6 +115,7 @@ def deploy_config(config: dict[str, Any], timeout_s: float = 300.0) -> None:
     client.deploy_apps(schema)
     time.sleep(0.5)  # let the controller move the app out of its previous RUNNING state
     deadline = time.monotonic() + timeout_s
+    unhealthy_since = None
     while True:
         from ray import serve
 
@@ -114,8 +123,15 @@ def deploy_config(config: dict[str, Any], timeout_s: float = 300.0) -> None:
         if status is not None and status.status == ApplicationStatus.RUNNING and all(
                 d.status == "HEALTHY" for d in status.deployments.values()):
             return
-        if status is not None and status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
             raise RuntimeError(f"deploying {APP_NAME} failed: {status.message}")
+        if status is not None and status.status == ApplicationStatus.UNHEALTHY:
+            # transient while Serve replaces a replica that died (e.g. right after a kill); fail if it stays
+            unhealthy_since = unhealthy_since or time.monotonic()
+            if time.monotonic() - unhealthy_since > unhealthy_grace_s:
+                raise RuntimeError(f"deploying {APP_NAME} failed: {status.message}")
+        else:
+            unhealthy_since = None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{APP_NAME} not running after {timeout_s:.0f}s: {status}")
         time.sleep(0.2)
