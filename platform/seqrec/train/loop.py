@@ -191,6 +191,28 @@ def setup_training(model: torch.nn.Module, tc, sc, world: int, device: torch.dev
     return optimizer, scheduler, engine, train_module
 
 
+def optimizer_step(batch: dict[str, torch.Tensor], model: torch.nn.Module, train_module, optimizer, scheduler, engine,
+                   grad_clip: float, autocast=None) -> torch.Tensor:
+    """One training step on a batch (the DeepSpeed engine's, or forward/backward/clip/step); returns the loss."""
+    if engine is not None:
+        loss = engine(batch)
+        engine.backward(loss)
+        engine.step()
+    else:
+        if autocast is not None:
+            with autocast:
+                loss = train_module(batch)
+        else:
+            loss = train_module(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    scheduler.step()
+    return loss
+
+
 # ------------------------------------------------------------------------------------- worker function
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
@@ -325,22 +347,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 marker.write_text("killed once")
                 print(f"[train] fault injection: killing rank 0 (pid {os.getpid()}) at step {state['step']}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-        if use_ds:
-            loss = engine(batch)
-            engine.backward(loss)
-            engine.step()
-        else:
-            if autocast is not None:
-                with autocast:
-                    loss = train_module(batch)
-            else:
-                loss = train_module(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-        scheduler.step()
+        loss = optimizer_step(batch, model, train_module, optimizer, scheduler, engine, tc.grad_clip, autocast)
         state["step"] += 1
         window_loss += float(loss.detach())
         window_n += 1

@@ -178,7 +178,7 @@ def staged_worker(config: dict[str, Any]) -> None:
     from seqrec.models.registry import bind_dataset, build_model
     from seqrec.train.checkpoint import TRAIN_STATE, atomic_torch_save, load_weights_into, save_model_files
     from seqrec.train.deepspeed_utils import full_parameters
-    from seqrec.train.loop import broadcast, setup_training
+    from seqrec.train.loop import broadcast, optimizer_step, setup_training
 
     cfg = from_dict(StagedExperimentConfig, config["experiment"])
     stage = cfg.stages[config["stage_index"]]
@@ -221,8 +221,8 @@ def staged_worker(config: dict[str, Any]) -> None:
     optimizer, scheduler, engine, train_module = setup_training(model, tc, sc, world, device, resume_dir, state)
 
     valid_rows = eval_ds.eval_rows("valid")
-    if tc.valid_max_rows and len(valid_rows) > tc.valid_max_rows:
-        valid_rows = valid_rows.subset(np.sort(np.random.default_rng(tc.seed).permutation(len(valid_rows))[: tc.valid_max_rows]))
+    if tc.valid_max_rows and len(valid_rows) > tc.valid_max_rows:  # the same users in every stage (eval_seed)
+        valid_rows = valid_rows.subset(np.sort(np.random.default_rng(cfg.eval_seed).permutation(len(valid_rows))[: tc.valid_max_rows]))
     meta = {"model_name": model_name, "model": asdict(model.config), "n_items": int(eval_ds.n_items),
             "experiment": asdict(cfg), "stage": stage.name, "dataset_path": config["validation_path"]}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (sc.use_gpu and not use_ds) else None
@@ -293,22 +293,7 @@ def staged_worker(config: dict[str, Any]) -> None:
         parts = [(corpora[d], sequences[d], int((which == d).sum()), d) for d in range(len(datasets))]
         batch = model.sample_batch([p for p in parts if p[2]], rng)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if use_ds:
-            loss = engine(batch)
-            engine.backward(loss)
-            engine.step()
-        else:
-            if autocast is not None:
-                with autocast:
-                    loss = train_module(batch)
-            else:
-                loss = train_module(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-        scheduler.step()
+        loss = optimizer_step(batch, model, train_module, optimizer, scheduler, engine, tc.grad_clip, autocast)
         state["step"] += 1
         win["loss"] += float(loss.detach())
         win["n"] += 1
