@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from seqrec.ray_utils import ray_executable
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +55,7 @@ def head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    cmd = [ray_executable(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--temp-dir={temp}",
@@ -86,7 +88,7 @@ def head(tmp_path_factory):
 
 
 def submit(head, *args: str, timeout: float = 240) -> str:
-    cmd = ["ray", "job", "submit", "--address", head["url"], "--working-dir", str(REPO), "--", sys.executable, *args]
+    cmd = [ray_executable(), "job", "submit", "--address", head["url"], "--working-dir", str(REPO), "--", sys.executable, *args]
     done = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=timeout)
     out = done.stdout + done.stderr
     assert done.returncode == 0 and "succeeded" in out, out[-3000:]

@@ -26,3 +26,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     ray.init(**init_kwargs)
     log.info("ray initialised at %s with resources %s", address, ray.cluster_resources())
     return ray
+
+
+def ray_executable(name: str = "ray") -> str:
+    """Path of a Ray console script (`ray`, `serve`) of the running interpreter's installation: the one beside
+    sys.executable (a virtualenv that is not activated is not on PATH), else whatever PATH finds."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"no {name!r} executable beside {sys.executable} or on PATH (is ray installed?)")
+    return found

@@ -127,7 +127,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
     name, model = served_model(config)
     print(f"{path}: {name} now serves {model['checkpoint']}")
     if args.deploy:  # the dashboard's REST API, like `serve deploy`
-        cmd = ["serve", "deploy", str(path), "--address", args.deploy]
+        from seqrec.ray_utils import ray_executable
+
+        cmd = [ray_executable("serve"), "deploy", str(path), "--address", args.deploy]
         print(" ".join(cmd))
         return subprocess.call(cmd)
     if args.address:
