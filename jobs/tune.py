@@ -1,7 +1,7 @@
 """Entrypoint for `ray job submit --address http://HOST:8265 --working-dir . -- python jobs/tune.py --grid NAME`.
 
 Inside a Ray job RAY_ADDRESS is set, so the sweep joins that cluster instead of starting a private instance.
-Same flags as `seqrec tune` (--grid, --set, --num-samples, --name, --storage-path, --resume).
+Same flags as `seqrec tune` (--grid, --set, --num-samples, --time-budget-s, --name, --storage-path, --resume).
 """
 import os
 import sys

@@ -179,3 +179,53 @@ def test_smoke_sweep_interrupt_resume_and_best_record(ray_session, demo_dataset,
     # a finished sweep cannot be started again under the same name
     with pytest.raises(ValueError, match="already holds a sweep"):
         run_sweep("smoke_demo", overrides, storage_path=str(storage))
+
+
+def test_time_budget_stops_the_sweep(ray_session, demo_dataset, tmp_path):
+    """tune.time_budget_s (here run_sweep's argument, the CLI's --time-budget-s) ends a sweep on time: trials
+    still training are stopped and labelled time_budget, trials not yet started never run; the outputs cover
+    what ran. FIFO scheduling, so no stop can come from ASHA."""
+    import time
+
+    from seqrec.tune.runner import run_sweep
+
+    grid = read_yaml(resolve_config_path("smoke_demo", "grids"))
+    grid["tune"]["scheduler"] = {"type": "fifo"}
+    path = tmp_path / "budget_demo.yaml"
+    path.write_text(yaml.safe_dump({**grid, "name": "budget_demo"}))
+    storage = tmp_path / "tune"
+    overrides = {"data.path": str(demo_dataset.path), "train.steps": 20000, "train.eval_every": 50,
+                 "train.log_every": 50}
+    budget = 75.0  # the first two trials report within ~30 s of starting, well before it ends
+    t0 = time.monotonic()
+    best = run_sweep(str(path), overrides, storage_path=str(storage), num_samples=6, time_budget_s=budget)
+    wall = time.monotonic() - t0
+    assert wall < budget + 120, wall  # stopping and writing the outputs take a little longer than the budget
+    table = pd.read_csv(storage / "budget_demo" / "trials.csv")
+    assert set(table["stop"]) <= {"time_budget"} and (table["final_step"] < 20000).all(), table
+    assert best["n_trials"] == len(table) and best["metrics"]["test"]
+    sweep = json.loads((storage / "budget_demo" / "sweep.json").read_text())
+    assert sweep["grid"]["tune"]["time_budget_s"] == budget
+
+    # --report-only: the same outputs again from the saved results, no trial run
+    from seqrec.cli import main
+
+    (storage / "budget_demo" / "trials.csv").unlink()
+    assert main(["tune", "--grid", str(path), "--storage-path", str(storage), "--report-only"]) == 0
+    again = pd.read_csv(storage / "budget_demo" / "trials.csv")
+    pd.testing.assert_frame_equal(again, table)
+    assert json.loads((storage / "budget_demo" / "best.json").read_text())["metrics"] == best["metrics"]
+
+
+def test_asha_stop_labels(demo_dataset, tmp_path):
+    """A trial is 'scheduler'-stopped when its last report is the first at or past an ASHA rung."""
+    from seqrec.tune.config import load_grid
+    from seqrec.tune.report import asha_rungs, stop_reason
+    from seqrec.tune.runner import build_sweep
+
+    sweep = build_sweep(load_grid("smoke_demo"), {"data.path": str(demo_dataset.path)}, tmp_path / "x")
+    assert asha_rungs(sweep) == {4, 8}  # grace 4, reduction factor 2, 12 steps
+    assert stop_reason([4, 8], 12, rungs={4, 8}, budget=None) == "scheduler"
+    assert stop_reason([3, 6], 12, rungs={4, 8}, budget=60.0) == "scheduler"  # 6 is the first report past rung 4
+    assert stop_reason([3, 6, 7], 12, rungs={4, 8}, budget=60.0) == "time_budget"
+    assert stop_reason([4, 8, 12], 12, rungs={4, 8}, budget=60.0) == "completed"

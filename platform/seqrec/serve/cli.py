@@ -1,6 +1,6 @@
 """`seqrec serve {run,config,swap}`: start the service, write a Serve config file, swap the model.
 
-    seqrec serve run --best-record sasrec_scientific --records-dir runs/train      # foreground, Ctrl-C stops
+    seqrec serve run --best-record sasrec_scientific --records-dir runs/train      # foreground, Ctrl-C / SIGTERM stops
     seqrec serve run --checkpoint runs/train/x/checkpoint_00000700 --port 8000
     seqrec serve config --checkpoint ... --out serve_config.yaml                   # for `serve deploy` / `serve run`
     seqrec serve swap --config serve_config.yaml --checkpoint NEW [--deploy http://127.0.0.1:8265]
@@ -74,32 +74,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(curl_line(args.host, args.port))
     if args.detach:
         return 0
+    serve_until_stopped()
+    return 0
+
+
+def serve_until_stopped() -> None:
+    """Block until Ctrl-C or SIGTERM, then shut Serve down (and the local Ray instance we started with it), so a
+    server stopped by its PID leaves no proxy, replica or raylet behind."""
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        import ray
         from ray import serve
 
+        log.info("stopping: serve.shutdown()")
         serve.shutdown()
-    return 0
+        ray.shutdown()  # a driver-started local instance goes with it; a cluster we joined keeps running
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def serve_quickstart(workdir: str, port: int = 8000, host: str = "127.0.0.1") -> None:
     """Serve the quickstart's trained model (its training summary is the best record), print a curl line
-    and keep the service up until Ctrl-C."""
+    and keep the service up until Ctrl-C (or SIGTERM)."""
     records = sorted(Path(workdir, "checkpoints").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
     if not records:
         raise FileNotFoundError(f"no trained model under {workdir}/checkpoints to serve")
     url = start({"model": {"best_record": str(records[-1])}}, host, port)
     print(f"\nseqrec serving {records[-1].parent.name} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops it")
     print(curl_line(host, port))
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+    serve_until_stopped()
 
 
 def write_yaml(obj: dict[str, Any], path: Path) -> None:
@@ -152,7 +163,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("serve", help="serve recommendations over HTTP with Ray Serve")
     sub = parser.add_subparsers(dest="serve_command", required=True)
 
-    run = sub.add_parser("run", help="deploy the service and keep it up until Ctrl-C")
+    run = sub.add_parser("run", help="deploy the service and keep it up until Ctrl-C or SIGTERM")
     _model_args(run)
     run.add_argument("--settings", help="YAML with serve settings (limits, replicas, ...; see seqrec.serve.config)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -49,11 +49,61 @@ def _replica_id() -> str:
 
 
 class _CatalogFollower:
-    """Mixin: a background task that pulls catalog changes from the store and applies them in order."""
+    """Base of the model replicas (Recommender, Generator): loads the checkpoint named by Serve's user_config,
+    swaps it in without dropping requests, and follows the catalog store's changes in a background task.
+
+    A subclass calls `_init_follower` in its __init__ and may override `_accept` (refuse a loaded model of the
+    wrong kind) and `_apply_changes` (what catalog changes do to its model).
+    """
 
     store: Any
     settings: ServeSettings
     _sync_task: asyncio.Task | None = None
+
+    def _init_follower(self, settings: dict[str, Any], store) -> None:
+        self.settings = settings_from_dict(settings)
+        self.store = store
+        self._state: tuple[LoadedModel, Catalog] | None = None
+        self._lock = threading.Lock()  # model/catalog mutation (catalog sync, swaps) vs the serving threads
+        self._source: dict[str, Any] | None = None
+        self._last_error: str | None = None
+        self._swaps = 0
+
+    def _accept(self, loaded: LoadedModel, user_config: dict[str, Any]) -> None:
+        """Raise if this replica cannot serve `loaded` (a swap then keeps the old model in service)."""
+
+    def _apply_changes(self, loaded: LoadedModel, catalog: Catalog, changes: list[CatalogChange]) -> None:
+        with self._lock:  # ids and titles only
+            for c in changes:
+                if c.version > catalog.version:
+                    catalog.apply(c)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the model named by user_config ({"checkpoint", "dataset"}) and swap it in. A failed swap keeps
+        the old model serving (/version says why); a failed first load fails the replica with the loader's message."""
+        if user_config == self._source and self._state is not None:
+            return
+        try:
+            loaded = await asyncio.to_thread(load_for_serving, user_config["checkpoint"], user_config["dataset"],
+                                             self.settings.encoder)
+            self._accept(loaded, user_config)
+            catalog = await asyncio.to_thread(Catalog.from_dataset, user_config["dataset"])
+            changes = await self._changes_since(0)
+            await asyncio.to_thread(self._apply_changes, loaded, catalog, changes)
+        except Exception as e:
+            if self._state is None:
+                raise
+            self._last_error = f"swap to {user_config.get('checkpoint')} failed: {type(e).__name__}: {e}"
+            log.error("%s; still serving %s", self._last_error, self._state[0].version)
+            return
+        old = self._state
+        with self._lock:
+            self._state = (loaded, catalog)
+        self._source, self._last_error = dict(user_config), None
+        self._swaps += old is not None
+        log.info("%s serving %s (%d items)%s", type(self).__name__, loaded.version, len(catalog),
+                 f", replaced {old[0].version}" if old else "")
+        self._start_sync()
 
     def _start_sync(self) -> None:
         if self._sync_task is None or self._sync_task.done():
@@ -72,7 +122,25 @@ class _CatalogFollower:
         return [CatalogChange(**r) for r in rows]
 
     async def sync_catalog(self) -> int:
-        raise NotImplementedError
+        state = self._state
+        if state is None:
+            return 0
+        changes = await self._changes_since(state[1].version)
+        if changes:
+            await asyncio.to_thread(self._apply_changes, state[0], state[1], changes)
+        return state[1].version
+
+    def check_health(self) -> None:
+        if self._state is None:
+            raise RuntimeError("no model loaded")
+
+    def _info(self, **extra: Any) -> dict[str, Any]:
+        if self._state is None:
+            return {"ready": False, "error": self._last_error}
+        loaded, catalog = self._state
+        return {"ready": True, **loaded.info(), "catalog_version": catalog.version, "catalog_items": len(catalog),
+                "replica": _replica_id(), "pid": os.getpid(), "swaps": self._swaps, "last_swap_error": self._last_error,
+                **extra}
 
 
 # ------------------------------------------------------------------------------------------- store
@@ -129,41 +197,10 @@ class Recommender(_CatalogFollower):
     def __init__(self, settings: dict[str, Any], store) -> None:
         import torch
 
-        self.settings = settings_from_dict(settings)
-        self.store = store
+        self._init_follower(settings, store)
         torch.set_num_threads(max(1, self.settings.torch_threads))
-        self._state: tuple[LoadedModel, Catalog] | None = None
-        self._lock = threading.Lock()  # model/catalog mutation (catalog sync) vs scoring threads
-        self._source: dict[str, Any] | None = None
-        self._last_error: str | None = None
-        self._swaps = 0
         self._rank_batch.set_max_batch_size(self.settings.max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the model named by user_config ({"checkpoint", "dataset"}) and swap it in."""
-        if user_config == self._source and self._state is not None:
-            return
-        try:
-            loaded = await asyncio.to_thread(load_for_serving, user_config["checkpoint"], user_config["dataset"],
-                                             self.settings.encoder)
-            catalog = await asyncio.to_thread(Catalog.from_dataset, user_config["dataset"])
-            changes = await self._changes_since(0)
-            await asyncio.to_thread(self._apply_changes, loaded, catalog, changes)
-        except Exception as e:
-            if self._state is None:
-                raise  # nothing to serve: fail the deployment with the loader's message
-            self._last_error = f"swap to {user_config.get('checkpoint')} failed: {type(e).__name__}: {e}"
-            log.error("%s; still serving %s", self._last_error, self._state[0].version)
-            return
-        old = self._state
-        with self._lock:
-            self._state = (loaded, catalog)
-        self._source, self._last_error = dict(user_config), None
-        self._swaps += old is not None
-        log.info("serving %s (%d items)%s", loaded.version, len(catalog),
-                 f", replaced {old[0].version}" if old else "")
-        self._start_sync()
 
     def _apply_changes(self, loaded: LoadedModel, catalog: Catalog, changes: list[CatalogChange]) -> None:
         new_texts = []
@@ -177,26 +214,8 @@ class Recommender(_CatalogFollower):
             if new_texts and loaded.supports_new_items:
                 add_items_to_model(loaded, new_texts)
 
-    async def sync_catalog(self) -> int:
-        state = self._state
-        if state is None:
-            return 0
-        changes = await self._changes_since(state[1].version)
-        if changes:
-            await asyncio.to_thread(self._apply_changes, state[0], state[1], changes)
-        return state[1].version
-
-    def check_health(self) -> None:
-        if self._state is None:
-            raise RuntimeError("no model loaded")
-
     def info(self) -> dict[str, Any]:
-        if self._state is None:
-            return {"ready": False, "error": self._last_error}
-        loaded, catalog = self._state
-        return {"ready": True, **loaded.info(), "catalog_version": catalog.version, "catalog_items": len(catalog),
-                "replica": _replica_id(), "pid": os.getpid(), "swaps": self._swaps, "last_swap_error": self._last_error,
-                "max_batch_size": self.settings.max_batch_size}
+        return self._info(max_batch_size=self.settings.max_batch_size)
 
     async def recommend(self, payload: dict[str, Any]) -> dict[str, Any]:
         """payload: history (item_idx/item_id list), k, critique (str|None), exclude_history. Validated for
@@ -260,7 +279,7 @@ class BM25Search(_CatalogFollower):
             return
         state = await asyncio.to_thread(self._build, dataset)
         changes = await self._changes_since(0)
-        await asyncio.to_thread(self._apply_changes, state, changes)
+        await asyncio.to_thread(self._apply_changes, *state, changes)
         self._state, self._dataset = state, dataset
         self._start_sync()
 
@@ -271,8 +290,7 @@ class BM25Search(_CatalogFollower):
         catalog = Catalog.from_dataset(dataset)
         return BM25Index(catalog.texts), catalog
 
-    def _apply_changes(self, state, changes: list[CatalogChange]) -> None:
-        index, catalog = state
+    def _apply_changes(self, index, catalog: Catalog, changes: list[CatalogChange]) -> None:
         with self._lock:
             todo = {}
             for c in changes:
@@ -281,15 +299,6 @@ class BM25Search(_CatalogFollower):
                 catalog.apply(c)
                 todo[c.item_idx] = c.text
             index.add_or_update(todo)
-
-    async def sync_catalog(self) -> int:
-        state = self._state
-        if state is None:
-            return 0
-        changes = await self._changes_since(state[1].version)
-        if changes:
-            await asyncio.to_thread(self._apply_changes, state, changes)
-        return state[1].version
 
     def check_health(self) -> None:
         if self._state is None:
@@ -351,70 +360,20 @@ class Generator(_CatalogFollower):
     def __init__(self, settings: dict[str, Any], store, bm25) -> None:
         import torch
 
-        self.settings = settings_from_dict(settings)
-        self.store, self.bm25 = store, bm25
+        self._init_follower(settings, store)
+        self.bm25 = bm25
         torch.set_num_threads(max(1, self.settings.generator_torch_threads))
-        self._state: tuple[LoadedModel, Catalog] | None = None
-        self._lock = threading.Lock()  # sampling (thread) vs catalog sync / swaps
-        self._source: dict[str, Any] | None = None
-        self._last_error: str | None = None
-        self._swaps = 0
         self._generate_batch.set_max_batch_size(self.settings.generator_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.settings.generator_batch_wait_s)
 
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        if user_config == self._source and self._state is not None:
-            return
-        try:
-            loaded = await asyncio.to_thread(load_for_serving, user_config["checkpoint"], user_config["dataset"],
-                                             self.settings.encoder)
-            if not loaded.is_generator:
-                raise ValueError(f"{user_config['checkpoint']} is a {loaded.name!r} model, not a generator "
-                                 "(it ranks with score_all: serve it with the Recommender deployment)")
-            catalog = await asyncio.to_thread(Catalog.from_dataset, user_config["dataset"])
-            changes = await self._changes_since(0)
-            await asyncio.to_thread(self._apply_changes, catalog, changes)
-        except Exception as e:
-            if self._state is None:
-                raise
-            self._last_error = f"swap to {user_config.get('checkpoint')} failed: {type(e).__name__}: {e}"
-            log.error("%s; still serving %s", self._last_error, self._state[0].version)
-            return
-        old = self._state
-        with self._lock:
-            self._state = (loaded, catalog)
-        self._source, self._last_error = dict(user_config), None
-        self._swaps += old is not None
-        log.info("generating with %s (%d items)", loaded.version, len(catalog))
-        self._start_sync()
-
-    def _apply_changes(self, catalog: Catalog, changes: list[CatalogChange]) -> None:
-        with self._lock:  # ids and titles only: the store refuses new items for generators (no add_items)
-            for c in changes:
-                if c.version > catalog.version:
-                    catalog.apply(c)
-
-    async def sync_catalog(self) -> int:
-        state = self._state
-        if state is None:
-            return 0
-        changes = await self._changes_since(state[1].version)
-        if changes:
-            await asyncio.to_thread(self._apply_changes, state[1], changes)
-        return state[1].version
-
-    def check_health(self) -> None:
-        if self._state is None:
-            raise RuntimeError("no model loaded")
+    def _accept(self, loaded: LoadedModel, user_config: dict[str, Any]) -> None:
+        if not loaded.is_generator:
+            raise ValueError(f"{user_config['checkpoint']} is a {loaded.name!r} model, not a generator "
+                             "(it ranks with score_all: serve it with the Recommender deployment)")
 
     def info(self) -> dict[str, Any]:
-        if self._state is None:
-            return {"ready": False, "error": self._last_error}
-        loaded, catalog = self._state
-        cfg = loaded.model.config
-        return {"ready": True, **loaded.info(), "catalog_version": catalog.version, "catalog_items": len(catalog),
-                "replica": _replica_id(), "pid": os.getpid(), "swaps": self._swaps, "last_swap_error": self._last_error,
-                "n_gen": cfg.n_gen, "max_new_tokens": cfg.max_new_tokens}
+        cfg = self._state[0].model.config if self._state else None
+        return self._info(**({"n_gen": cfg.n_gen, "max_new_tokens": cfg.max_new_tokens} if cfg else {}))
 
     async def recommend(self, payload: dict[str, Any]) -> dict[str, Any]:
         state = self._state

@@ -213,10 +213,48 @@ def optimizer_step(batch: dict[str, torch.Tensor], model: torch.nn.Module, train
     return loss
 
 
+def checkpoint_and_report(report: dict[str, Any], score: float, state: dict[str, Any], *, model, engine, optimizer,
+                          scheduler, meta: dict[str, Any], rank: int, rank_state: dict[str, Any] | None = None,
+                          prefix: str = "seqrec_ckpt_") -> dict[str, Any]:
+    """Record a validation score in `state` (best score / step, evaluations since the best), then save a full
+    checkpoint and hand it to Ray Train with the report. Every rank calls this (ZeRO-3 gathers collectively).
+
+    The checkpoint: model.safetensors + config (rank 0, full unpartitioned weights), the train state with the
+    optimizer (rank 0; DeepSpeed keeps its own under deepspeed/), and `rank_state` per rank (RNG, data stream)
+    when given. It is written to a temporary directory that Ray copies into the run, so a crash while writing
+    leaves no half checkpoint behind. Returns the full report sent."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from seqrec.train.deepspeed_utils import full_parameters
+
+    if score > state["best_score"]:
+        state.update(best_score=score, best_step=state["step"], evals_since_best=0)
+    else:
+        state["evals_since_best"] += 1
+    full = {**report, "step": state["step"], SCORE_KEY: score, "best_score": state["best_score"],
+            "best_step": state["best_step"]}
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        with full_parameters(engine, model):
+            if rank == 0:
+                save_model_files(model, tmp, meta)
+        if rank == 0:
+            atomic_torch_save({"state": dict(state), "scheduler": scheduler.state_dict(),
+                               "optimizer": None if engine is not None else optimizer.state_dict()}, Path(tmp) / TRAIN_STATE)
+        if rank_state is not None:
+            atomic_torch_save(rank_state, Path(tmp) / rank_state_file(rank))
+        if engine is not None:
+            ds_dir = Path(tmp) / "deepspeed"
+            ds_dir.mkdir(exist_ok=True)
+            engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
+        ray.train.report(full, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+    return full
+
+
 # ------------------------------------------------------------------------------------- worker function
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
-    from ray.train import Checkpoint
 
     from seqrec.data.dataset import PreparedDataset
     from seqrec.eval.evaluator import EvalSettings, evaluate
@@ -301,30 +339,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 model.train()
         metrics = broadcast(metrics, world)
         score = float(metrics[tc.eval_metric])
-        if score > state["best_score"]:
-            state.update(best_score=score, best_step=state["step"], evals_since_best=0)
-        else:
-            state["evals_since_best"] += 1
-        report = {"step": state["step"], "loss": last_loss, "seq_per_s": seq_per_s, "lr": scheduler.get_last_lr()[0],
-                  SCORE_KEY: score, "best_score": state["best_score"], "best_step": state["best_step"],
-                  **{f"val/{k}": v for k, v in metrics.items()}}
-        with tempfile.TemporaryDirectory(prefix="seqrec_ckpt_") as tmp:
-            with full_parameters(engine, model):
-                if rank == 0:
-                    save_model_files(model, tmp, meta)
-            if rank == 0:
-                atomic_torch_save({"state": dict(state), "scheduler": scheduler.state_dict(),
-                                   "optimizer": None if use_ds else optimizer.state_dict()}, Path(tmp) / TRAIN_STATE)
-            rs = {"torch_rng": torch.get_rng_state(), "stream": stream.state()}
-            if torch.cuda.is_available():
-                rs["cuda_rng"] = torch.cuda.get_rng_state()
-            atomic_torch_save(rs, Path(tmp) / rank_state_file(rank))
-            if use_ds:
-                ds_dir = Path(tmp) / "deepspeed"
-                ds_dir.mkdir(exist_ok=True)
-                engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+        rs = {"torch_rng": torch.get_rng_state(), "stream": stream.state()}
+        if torch.cuda.is_available():
+            rs["cuda_rng"] = torch.cuda.get_rng_state()
+        checkpoint_and_report({"loss": last_loss, "seq_per_s": seq_per_s, "lr": scheduler.get_last_lr()[0],
+                               **{f"val/{k}": v for k, v in metrics.items()}}, score, state, model=model, engine=engine,
+                              optimizer=optimizer, scheduler=scheduler, meta=meta, rank=rank, rank_state=rs)
         if rank == 0:
             print(f"[valid] step {state['step']} {tc.eval_metric}={score:.4f} best={state['best_score']:.4f}"
                   f"@{state['best_step']} ndcg@10/opt={metrics.get('ndcg@10/opt', float('nan')):.4f}", flush=True)

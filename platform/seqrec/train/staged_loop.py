@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,14 +170,13 @@ def sampling_weights(n_users: list[int], power: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------- worker function
 def staged_worker(config: dict[str, Any]) -> None:
     import ray.train
-    from ray.train import Checkpoint
 
     from seqrec.data.dataset import PreparedDataset
     from seqrec.eval.evaluator import EvalSettings, evaluate
     from seqrec.models.registry import bind_dataset, build_model
-    from seqrec.train.checkpoint import TRAIN_STATE, atomic_torch_save, load_weights_into, save_model_files
+    from seqrec.train.checkpoint import load_weights_into
     from seqrec.train.deepspeed_utils import full_parameters
-    from seqrec.train.loop import broadcast, optimizer_step, setup_training
+    from seqrec.train.loop import broadcast, checkpoint_and_report, optimizer_step, setup_training
 
     cfg = from_dict(StagedExperimentConfig, config["experiment"])
     stage = cfg.stages[config["stage_index"]]
@@ -256,25 +254,9 @@ def staged_worker(config: dict[str, Any]) -> None:
             model.train()
         metrics = broadcast(metrics, world)
         score = float(metrics[tc.eval_metric])
-        if score > state["best_score"]:
-            state.update(best_score=score, best_step=state["step"], evals_since_best=0)
-        else:
-            state["evals_since_best"] += 1
-        full = {**report, "step": state["step"], SCORE_KEY: score, "best_score": state["best_score"],
-                "best_step": state["best_step"], **{f"val/{k}": v for k, v in metrics.items()}}
-        with tempfile.TemporaryDirectory(prefix="seqrec_staged_ckpt_") as tmp:
-            with full_parameters(engine, model):
-                if rank == 0:
-                    save_model_files(model, tmp, meta)
-            if rank == 0:
-                atomic_torch_save({"state": dict(state), "scheduler": scheduler.state_dict(),
-                                   "optimizer": None if use_ds else optimizer.state_dict()}, Path(tmp) / TRAIN_STATE)
-            if use_ds:
-                ds_dir = Path(tmp) / "deepspeed"
-                ds_dir.mkdir(exist_ok=True)
-                engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
-            ray.train.report(full, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+        checkpoint_and_report({**report, **{f"val/{k}": v for k, v in metrics.items()}}, score, state, model=model,
+                              engine=engine, optimizer=optimizer, scheduler=scheduler, meta=meta, rank=rank,
+                              prefix="seqrec_staged_ckpt_")
         if rank == 0:
             print(f"{tag} valid step {state['step']} ({len(valid_rows)} users) {tc.eval_metric}={score:.4f} "
                   f"best={state['best_score']:.4f}@{state['best_step']}", flush=True)

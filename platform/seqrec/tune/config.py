@@ -110,6 +110,8 @@ class TuneSection:
     trial_memory_mb: float = 256.0  # what the trial asks for instead (Ray needs a non-empty resource request)
     seed: int | None = 0  # random search seed (reproducible samples)
     max_failures: int = 0  # Tune-level restarts of a crashed trial (Ray Train restarts workers itself)
+    time_budget_s: float | None = None  # wall-clock cap of the whole sweep (TuneConfig.time_budget_s): running
+    # trials are stopped there and trials not yet started never run; the table marks them (stop: time_budget)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
 
 
@@ -156,6 +158,8 @@ def validate_grid(grid: GridConfig) -> None:
         raise ValueError(f"tune.scheduler.type must be asha or fifo, got {t.scheduler.type!r}")
     if t.scheduler.grace_period < 1 or t.scheduler.reduction_factor <= 1:
         raise ValueError("tune.scheduler: grace_period >= 1 and reduction_factor > 1 required")
+    if t.time_budget_s is not None and t.time_budget_s <= 0:
+        raise ValueError(f"tune.time_budget_s must be > 0 seconds, got {t.time_budget_s}")
     if t.max_concurrent_trials is not None and t.max_concurrent_trials < 1:
         raise ValueError(f"tune.max_concurrent_trials must be >= 1, got {t.max_concurrent_trials}")
     if "/" not in t.metric:

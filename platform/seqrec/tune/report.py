@@ -30,18 +30,21 @@ def trial_rows(results, sweep: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, 
     grid = sweep["grid"]
     mk, mode = metric_key(grid["tune"]["metric"]), grid["tune"]["mode"]
     patience = int(_fixed_or_base(sweep, "train.patience", ("train", "patience"), 0) or 0)
+    budget = grid["tune"].get("time_budget_s")
+    rungs = asha_rungs(sweep)
     rows, histories = [], {}
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        params = {k: result.config.get(k) for k in sweep["space"]}
+        trial_id = metrics.get("trial_id") or (Path(result.path).name if result.path else "unknown")
+        config = result.config or {}  # a restored trial that never started has no config
+        params = {k: config.get(k) for k in sorted(sweep["space"])}  # sorted: the same columns after a restore
         steps = int(params.get("train.steps") or sweep["fixed"].get("train.steps") or sweep["base_steps"])
         df = result.metrics_dataframe
         row: dict[str, Any] = {"trial_id": trial_id, **{f"param:{k}": v for k, v in params.items()},
                                "is_preset": bool(sweep["preset_point"]) and params == sweep["preset_point"],
                                "steps": steps, "error": str(result.error)[:500] if result.error else None}
         if df is None or df.empty or mk not in df.columns:
-            row.update(stop="error" if result.error else "no_report", n_reports=0)
+            row.update(stop="error" if result.error else ("time_budget" if budget else "no_report"), n_reports=0)
             rows.append(row)
             continue
         # one row per step: a resumed trial may repeat its final report (see runner.run_trial)
@@ -50,14 +53,8 @@ def trial_rows(results, sweep: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, 
         best_i = df[mk].idxmax() if mode == "max" else df[mk].idxmin()
         best, last = df.loc[best_i], df.iloc[-1]
         final_step = int(last["step"])
-        if result.error:
-            stop = "error"
-        elif final_step >= steps:
-            stop = "completed"
-        elif patience and (df["step"] > best["step"]).sum() >= patience:
-            stop = "patience"
-        else:
-            stop = "scheduler"  # ASHA stopped it at a rung
+        stop = stop_reason(df["step"].astype(int).tolist(), steps, rungs=rungs, budget=budget, patience=patience,
+                           best_step=int(best["step"]), error=bool(result.error))
         row.update(
             stop=stop, n_reports=len(df), final_step=final_step, best_step=int(best["step"]),
             **{f"best_{mk}": float(best[mk]), f"final_{mk}": float(last[mk])},
@@ -73,6 +70,42 @@ def trial_rows(results, sweep: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, 
     if not table.empty and f"best_{mk}" in table:
         table = table.sort_values(f"best_{mk}", ascending=(mode == "min"), na_position="last", kind="stable")
     return table.reset_index(drop=True), histories
+
+
+def stop_reason(report_steps: list[int], total_steps: int, *, rungs: set[int], budget: float | None,
+                patience: int = 0, best_step: int | None = None, error: bool = False) -> str:
+    """Why a trial ended, from its (sorted) report steps: error | completed | patience (the trainer's early
+    stopping) | scheduler (ASHA: the last report is the first at or past a rung, where ASHA decides) |
+    time_budget (stopped mid-way when the sweep's budget ran out)."""
+    final = report_steps[-1]
+    if error:
+        return "error"
+    if final >= total_steps:
+        return "completed"
+    if patience and best_step is not None and sum(s > best_step for s in report_steps) >= patience:
+        return "patience"
+    previous = report_steps[-2] if len(report_steps) > 1 else 0
+    if budget and not any(previous < r <= final for r in rungs):
+        return "time_budget"
+    return "scheduler"
+
+
+def asha_rungs(sweep: dict[str, Any]) -> set[int]:
+    """The steps at which ASHA may stop a trial (grace_period x reduction_factor^k below max_t)."""
+    from seqrec.config import from_dict
+    from seqrec.tune.config import SpaceSpec, max_steps, parse_grid
+
+    s = sweep["grid"]["tune"]["scheduler"]
+    if s["type"] != "asha":
+        return set()
+    grid = parse_grid(sweep["grid"])
+    space = {k: from_dict(SpaceSpec, v) for k, v in sweep["space"].items()}
+    max_t = s.get("max_t") or max_steps(grid, int(sweep["base_steps"]), space)
+    rungs, t = set(), float(min(s["grace_period"], max_t))
+    while t < max_t:
+        rungs.add(int(t))
+        t *= float(s["reduction_factor"])
+    return rungs
 
 
 def write_table(table: pd.DataFrame, sweep_dir: Path) -> None:
@@ -96,6 +129,16 @@ def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
             if len(kinds) > 1:
                 out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
     return out
+
+
+# how each stop reason (stop_reason) is drawn in the per-hyperparameter panels
+STOP_STYLES = {
+    "completed": dict(c="tab:blue", marker="o", label="ran all its steps"),
+    "patience": dict(c="tab:green", marker="s", label="early-stopped (patience)"),
+    "time_budget": dict(c="tab:orange", marker="^", label="cut by the sweep's time budget"),
+    "scheduler": dict(c="tab:gray", marker="x", label="stopped by ASHA"),
+    "error": dict(c="tab:red", marker="x", label="error"),
+}
 
 
 def write_plot(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: dict[str, Any], path: Path) -> None:
@@ -129,10 +172,11 @@ def write_plot(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: d
             xs = np.asarray([cats.index(str(v)) if str(v) in cats else len(cats) for v in vals], dtype=float)
             ax.set_xticks(range(len(cats)), cats)
             ax.set_xlim(-0.5, len(cats) - 0.5)
-        stopped = ok["stop"].eq("scheduler").to_numpy() if len(ok) else np.array([], dtype=bool)
-        ax.scatter(xs[~stopped], ys[~stopped], c="tab:blue", label="ran to the end")
-        if stopped.any():
-            ax.scatter(xs[stopped], ys[stopped], c="tab:gray", marker="x", label="stopped by ASHA")
+        stops = ok["stop"].to_numpy() if len(ok) else np.array([], dtype=object)
+        for reason, style in STOP_STYLES.items():
+            sel = stops == reason
+            if sel.any():
+                ax.scatter(xs[sel], ys[sel], **style)
         preset = ok["is_preset"].to_numpy(dtype=bool) if len(ok) else np.array([], dtype=bool)
         if preset.any():
             ax.scatter(xs[preset], ys[preset], s=160, facecolors="none", edgecolors="tab:red", label="paper preset")

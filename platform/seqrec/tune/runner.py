@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,12 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from seqrec.train.loop import run_experiment
 
     trial_id = ray.tune.get_context().get_trial_id()
+    # Tune starts each trial in a per-trial working directory; relative paths in the configs (a category_source,
+    # an encoder folder, ../shared/data) mean the directory the sweep was launched from, as for `seqrec train`.
+    # (Trial outputs go to absolute paths, so this changes nothing else.) On another node that directory may not
+    # exist: then relative paths resolve against the trial's own directory, as before.
+    if sweep.get("cwd") and Path(sweep["cwd"]).is_dir():
+        os.chdir(sweep["cwd"])
     params = {k: _plain(v) for k, v in config.items()}
     data = experiment_dict(sweep["base"], sweep["fixed"], params, {
         # stable per trial: a restored trial's Train run finds its own checkpoints and continues from them
@@ -147,12 +154,14 @@ def build_sweep(grid: GridConfig, cli_overrides: dict[str, Any] | None, sweep_di
         "trials_dir": str(sweep_dir / TRIALS_DIR),
         "scaling": asdict(cfg.scaling),
         "base_steps": cfg.train.steps,
+        "cwd": os.getcwd(),
     }
 
 
 def run_sweep(grid: GridConfig | str, cli_overrides: dict[str, Any] | None = None, *, name: str | None = None,
               storage_path: str | None = None, num_samples: int | None = None, resume: bool = False,
-              address: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
+              address: str | None = None, callbacks: list | None = None,
+              time_budget_s: float | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and write its table, plot and best record. Returns the best record."""
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
@@ -169,6 +178,8 @@ def run_sweep(grid: GridConfig | str, cli_overrides: dict[str, Any] | None = Non
         grid = load_grid(grid)
     if num_samples is not None:
         grid.tune.num_samples = int(num_samples)
+    if time_budget_s is not None:
+        grid.tune.time_budget_s = float(time_budget_s)
     sweep_dir = sweep_dir_for(grid, name, storage_path)
     init_ray(address=address)
     _require_train_v2()
@@ -194,6 +205,7 @@ def run_sweep(grid: GridConfig | str, cli_overrides: dict[str, Any] | None = Non
             param_space=_param_space(sweep),
             tune_config=tune.TuneConfig(
                 metric=metric_key(grid.tune.metric), mode=grid.tune.mode, num_samples=grid.tune.num_samples,
+                time_budget_s=grid.tune.time_budget_s,
                 scheduler=_scheduler(grid, sweep, ASHAScheduler, FIFOScheduler),
                 # the concurrency cap goes to the generator itself (Tune ignores max_concurrent_trials for it)
                 search_alg=BasicVariantGenerator(
@@ -215,6 +227,23 @@ def run_sweep(grid: GridConfig | str, cli_overrides: dict[str, Any] | None = Non
         # an interrupted sweep leaves its running trials' placement groups behind: free them all
         for record in Path(sweep["trials_dir"]).glob(f"*/{PG_RECORD}"):
             free_placement_groups(record)
+    return write_outputs(sweep_dir, sweep, results)
+
+
+def rewrite_outputs(sweep_dir: str | Path, address: str | None = None) -> dict[str, Any]:
+    """Write a sweep's table, plot and best record again from its saved Tune results, running no trial (after
+    an upgrade of the report code, or to re-evaluate the winner). Returns the best record."""
+    from ray import tune
+
+    from seqrec.ray_utils import init_ray
+    from seqrec.tune.report import write_outputs
+
+    sweep_dir = Path(sweep_dir).resolve()
+    sweep = _read_sweep(sweep_dir)
+    init_ray(address=address)
+    if not tune.Tuner.can_restore(str(sweep_dir)):
+        raise FileNotFoundError(f"{sweep_dir} holds no Tune experiment ({TUNER_STATE} missing)")
+    results = tune.Tuner.restore(str(sweep_dir), make_trainable(sweep)).get_results()
     return write_outputs(sweep_dir, sweep, results)
 
 
