@@ -202,15 +202,19 @@ def load_summary(run: dict, n: int) -> dict:
     return out
 
 
-def recommend_bodies(histories, n: int, rng, k: int = 10, critique: bool = False, max_history: int = 200) -> list[dict]:
+def recommend_bodies(histories, n: int, rng, k: int = 10, critique: bool = False, max_history: int = 200,
+                     unique_critiques: bool = False) -> list[dict]:
+    """Bodies for /recommend from test histories; critiques are 5 stock phrases (they repeat, as category
+    critiques do) or, with unique_critiques, a different text in every request (no critique-cache hits)."""
     critiques = ["something cheaper", "a different brand please", "more like lab equipment",
                  "I need safety gear instead", "smaller and portable"]
     out = []
-    for i in rng.integers(0, len(histories), n):
+    for j, i in enumerate(rng.integers(0, len(histories), n)):
         h = histories[i][-max_history:].tolist()
         body = {"history": h, "k": k}
         if critique:
-            body["critique"] = critiques[int(i) % len(critiques)]
+            text = critiques[int(i) % len(critiques)]
+            body["critique"] = f"{text}, variant {j}" if unique_critiques else text
         out.append(body)
     return out
 
@@ -238,6 +242,8 @@ def main() -> None:
                     help="environment for the private Ray instance (Serve flags such as RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="serve setting override, e.g. --set recommender.num_cpus=1")
+    ap.add_argument("--unique-critiques", action="store_true",
+                    help="every critique text in the critique load run is new (the critique cache never hits)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
     phases = set(args.phases.split(","))
@@ -292,7 +298,8 @@ def main() -> None:
                     print(report["load_critique"])
                     continue
                 load1 = os.getloadavg()[0]
-                bodies = recommend_bodies(histories, args.requests, rng, critique=critique)
+                bodies = recommend_bodies(histories, args.requests, rng, critique=critique,
+                                          unique_critiques=args.unique_critiques)
                 cpu0 = cpu_snapshot()
                 run = asyncio.run(drive(url, bodies, args.concurrency))
                 cpu = cpu_split(cpu0, cpu_snapshot(), args.requests)
@@ -301,6 +308,9 @@ def main() -> None:
                 s["loadavg_1m_before"] = load1
                 s["loadavg_1m_after"] = os.getloadavg()[0]
                 key = "load_critique" if critique else "load"
+                if critique:
+                    s["unique_critiques"] = args.unique_critiques
+                    s["critique_cache"] = get(url, "/version")["model"].get("critique_cache")  # one replica's
                 report[key] = s
                 print(f"[{key}] {args.requests} requests, {args.concurrency} clients: p50 {s.get('p50_ms', 0):.1f} ms, "
                       f"p95 {s.get('p95_ms', 0):.1f} ms, p99 {s.get('p99_ms', 0):.1f} ms, "
@@ -309,7 +319,8 @@ def main() -> None:
                       + ", ".join(f"{t['process'][:40]} {t['ms_per_request']:.1f}" for t in cpu["top"][:6]))
 
         if "fuzz" in phases:
-            cases = malformed_requests(np.random.default_rng(1), args.fuzz, dataset.n_items)
+            cases = malformed_requests(np.random.default_rng(1), args.fuzz, dataset.n_items,
+                                       takes_critique=bool(info["critique"]), adds_text_items=bool(info["new_items"]))
             run = asyncio.run(drive(url, [(p, b) for p, b in cases], args.concurrency))
             statuses = run["status"]
             codes = {str(c): statuses.count(c) for c in sorted(set(statuses))}

@@ -151,6 +151,34 @@ def test_score_all_critique_contract(demo_dataset, demo_features):
         model.score_all({**batch, "critique_tokens": tok})
 
 
+def test_critique_cache_equals_fresh_encoding(demo_dataset, demo_features):
+    """Serving's CritiqueCache: the same tokens/mask (up to padding width and float noise) and the same scores as
+    encoding the batch afresh; repeats are hits; the LRU keeps at most max_entries texts."""
+    from seqrec.features.encoder import FrozenTextEncoder
+    from seqrec.models.flare import CritiqueCache, encode_critiques
+
+    model = _model(demo_dataset, demo_features).eval()
+    enc = FrozenTextEncoder.load("minilm", max_tokens=32)
+    texts = ["something cheaper", None, "a much longer critique: portable lab storage from another brand", "",
+             "something cheaper"]
+    fresh_tok, fresh_mask = encode_critiques(texts, enc)
+    cache = CritiqueCache(max_entries=2)
+    for _ in range(2):  # first call fills the cache, the second is served from it
+        tok, mask = encode_critiques(texts, enc, cache=cache)
+        width = mask.shape[1]
+        assert width <= fresh_mask.shape[1] and not fresh_mask[:, width:].any()
+        assert torch.equal(mask, fresh_mask[:, :width])
+        assert torch.allclose(tok[mask], fresh_tok[:, :width][mask], atol=1e-5)
+    assert (cache.misses, cache.hits) == (2, 4)  # 2 distinct texts encoded once; 3 present texts per call
+    rows = demo_dataset.eval_rows("test")
+    batch = make_batch(rows.histories[:5], max_len=model.max_len)
+    a = model.score_all({**batch, "critique_tokens": tok, "critique_mask": mask})
+    b = model.score_all({**batch, "critique_tokens": fresh_tok, "critique_mask": fresh_mask})
+    assert torch.allclose(a, b, atol=1e-4)
+    encode_critiques(["third text"], enc, cache=cache)
+    assert len(cache._rows) == 2 and "something cheaper" not in cache._rows  # least recently used went first
+
+
 # ------------------------------------------------------------------------------ cache and cold start
 def test_feature_cache_invalidation_on_text_change(demo_dataset, demo_features, tmp_path):
     """A changed item text is re-encoded (only that one) and reaches the model; train() drops cached tables."""

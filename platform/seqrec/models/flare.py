@@ -171,18 +171,69 @@ class CritiqueTable:
     item_prefixes: torch.Tensor  # (N, max_depth) long, prefix id by depth (shallowest first), -1 = none
 
 
-def encode_critiques(texts: Sequence[str | None], encoder) -> tuple[torch.Tensor, torch.Tensor]:
+class CritiqueCache:
+    """LRU of encoded critique texts for serving: text -> (tokens (T, D), mask (T,)), trimmed after its last real
+    token. The encoder is frozen, so a cached row is the text's encoding (equal to a fresh one up to the float
+    noise of a different batch shape; padding is masked out downstream). Critiques repeat in practice (category
+    names, stock phrases), and one MiniLM forward costs ~15 ms of CPU, the bulk of a critique request."""
+
+    def __init__(self, max_entries: int = 4096):
+        import threading
+        from collections import OrderedDict
+
+        self.max_entries = max_entries
+        self._rows: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def lookup(self, texts: Sequence[str], encoder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        unique = list(dict.fromkeys(texts))
+        with self._lock:
+            found = {t: self._rows[t] for t in unique if t in self._rows}
+            for t in found:
+                self._rows.move_to_end(t)
+        missing = [t for t in unique if t not in found]
+        if missing:
+            tok, mask = encoder.encode(missing)
+            for j, t in enumerate(missing):
+                real = mask[j].nonzero()
+                n = int(real[-1]) + 1 if len(real) else 1
+                found[t] = (tok[j, :n].float().cpu(), mask[j, :n].cpu())
+            with self._lock:
+                for t in missing:
+                    self._rows[t] = found[t]
+                while len(self._rows) > self.max_entries:
+                    self._rows.popitem(last=False)
+        with self._lock:
+            self.hits += len(texts) - len(missing)
+            self.misses += len(missing)
+        return found
+
+
+def encode_critiques(texts: Sequence[str | None], encoder, cache: CritiqueCache | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Critique strings -> (tokens (B, Tc, D) float32, mask (B, Tc) bool); None or "" gives an all-False row
-    (= no critique). `encoder` is a FrozenTextEncoder (the model's own encoder: config.encoder)."""
+    (= no critique). `encoder` is a FrozenTextEncoder (the model's own encoder: config.encoder); `cache`
+    (serving) reuses the encodings of texts seen before."""
     texts = list(texts)
     present = [i for i, t in enumerate(texts) if t]
     if not present:
         return torch.zeros(len(texts), 1, encoder.dim), torch.zeros(len(texts), 1, dtype=torch.bool)
-    tok, mask = encoder.encode([texts[i] for i in present])
-    tokens = torch.zeros(len(texts), tok.shape[1], tok.shape[2])
-    full_mask = torch.zeros(len(texts), tok.shape[1], dtype=torch.bool)
-    tokens[present] = tok.float().cpu()
-    full_mask[present] = mask.cpu()
+    if cache is None:
+        tok, mask = encoder.encode([texts[i] for i in present])
+        tokens = torch.zeros(len(texts), tok.shape[1], tok.shape[2])
+        full_mask = torch.zeros(len(texts), tok.shape[1], dtype=torch.bool)
+        tokens[present] = tok.float().cpu()
+        full_mask[present] = mask.cpu()
+        return tokens, full_mask
+    rows = cache.lookup([texts[i] for i in present], encoder)
+    width = max(r[0].shape[0] for r in rows.values())
+    tokens = torch.zeros(len(texts), width, encoder.dim)
+    full_mask = torch.zeros(len(texts), width, dtype=torch.bool)
+    for i in present:
+        tok, mask = rows[texts[i]]
+        tokens[i, : tok.shape[0]] = tok
+        full_mask[i, : mask.shape[0]] = mask
     return tokens, full_mask
 
 

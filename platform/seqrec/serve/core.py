@@ -160,6 +160,7 @@ class LoadedModel:
     version: str  # <model name>@<checkpoint dir name>#<weights sha256 prefix>
     loaded_at: float
     encoder: Any = None  # frozen text encoder, for critiques / text-only new items (feature models only)
+    critique_cache: Any = None  # flare.CritiqueCache of this model's encoder (created on the first critique)
 
     @property
     def name(self) -> str:
@@ -189,7 +190,9 @@ class LoadedModel:
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "checkpoint": self.checkpoint, "dataset": self.dataset,
                 "n_items": self.n_scored, "critique": self.supports_critique, "new_items": self.supports_new_items,
-                "generator": self.is_generator}
+                "generator": self.is_generator,
+                **({"critique_cache": {"hits": self.critique_cache.hits, "misses": self.critique_cache.misses}}
+                   if self.critique_cache is not None else {})}
 
 
 def load_for_serving(checkpoint: str, dataset: str, encoder_name: str = "minilm") -> LoadedModel:
@@ -252,9 +255,12 @@ def rank(loaded: LoadedModel, catalog: Catalog, requests: Sequence[Prepared]) ->
             continue
         batch = make_batch([requests[i].history for i in rows], max_len=max_len)
         if with_critique:
-            from seqrec.models.flare import encode_critiques
+            from seqrec.models.flare import CritiqueCache, encode_critiques
 
-            tokens, mask = encode_critiques([requests[i].critique for i in rows], loaded.encoder)
+            if loaded.critique_cache is None:
+                loaded.critique_cache = CritiqueCache()
+            tokens, mask = encode_critiques([requests[i].critique for i in rows], loaded.encoder,
+                                            cache=loaded.critique_cache)
             batch["critique_tokens"], batch["critique_mask"] = tokens, mask  # (B, Tc, D), (B, Tc)
         scores = model.score_all(batch)  # (B, n_items)
         if scores.dtype not in (torch.float32, torch.float64):

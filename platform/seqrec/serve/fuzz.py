@@ -10,9 +10,11 @@ import json
 import numpy as np
 
 
-def malformed_requests(rng: np.random.Generator, n: int, n_items: int) -> list[tuple[str, bytes | str]]:
-    """(path, raw body) pairs that must all be rejected with 4xx by a service running an ID-only model (it
-    refuses critiques and text-only new items)."""
+def malformed_requests(rng: np.random.Generator, n: int, n_items: int, *, takes_critique: bool = False,
+                       adds_text_items: bool = False) -> list[tuple[str, bytes | str]]:
+    """(path, raw body) pairs that must all be rejected with 4xx. By default the served model is ID-only, so a
+    well-formed critique and a text-only new item are malformed too; for a model that takes critiques / ranks new
+    items from their text (Flare T+ID) those two requests are valid and left out."""
     fixed = [
         ("/recommend", b"{not json"), ("/recommend", b""), ("/recommend", b"[]"), ("/recommend", b"null"),
         ("/recommend", b'{"history": [1, 2], "k": 10}\xff\xfe'), ("/recommend", '{"history": [1], "k": 5, "critique": "\\ud800"}'),
@@ -34,7 +36,11 @@ def malformed_requests(rng: np.random.Generator, n: int, n_items: int) -> list[t
         ("/items", json.dumps({"items": [{"title": "t"}]})), ("/items", json.dumps({"items": "x"})),
         ("/items", json.dumps({"items": [{"item_id": "", "title": "t"}]})),
     ]
-    out = list(fixed)
+    capability_cases = {
+        ("/recommend", json.dumps({"history": [1], "critique": "too noisy"})): takes_critique,
+        ("/items", json.dumps({"items": [{"item_id": "NEW1", "title": "t"}]})): adds_text_items,
+    }
+    out = [case for case in fixed if not capability_cases.get(case, False)]
     keys = ["history", "k", "critique", "exclude_history", "query", "items", "zzz"]
     values = [None, -3, 0, 1.5, "x", "", [], {}, [None], ["?"] * 3, [-5], [n_items], True, "\u0000", 2**70]
     while len(out) < n:
