@@ -160,7 +160,7 @@ class LoadedModel:
     version: str  # <model name>@<checkpoint dir name>#<weights sha256 prefix>
     loaded_at: float
     encoder: Any = None  # frozen text encoder, for critiques / text-only new items (feature models only)
-    critique_cache: Any = None  # flare.CritiqueCache of this model's encoder (created on the first critique)
+    critique_cache: Any = None  # flare.CritiqueCache of this model's encoder (models with an encoder)
 
     @property
     def name(self) -> str:
@@ -205,20 +205,22 @@ def load_for_serving(checkpoint: str, dataset: str, encoder_name: str = "minilm"
     prepared = PreparedDataset.load(dataset)
     # the same catalog binding as training/evaluation; features encoded in-process (a replica is one small actor)
     model, meta = load_model(checkpoint, dataset=prepared, use_ray=False)
-    encoder = None
+    encoder = critique_cache = None
     if getattr(model, "needs_item_features", False):
         from seqrec.features.encoder import FrozenTextEncoder
+        from seqrec.models.flare import CritiqueCache
 
         cfg = model.config  # critiques and new items must go through the encoder the features came from
         encoder = FrozenTextEncoder.load(getattr(cfg, "encoder", None) or encoder_name,
                                          max_tokens=int(getattr(cfg, "max_text_tokens", 64)))
+        critique_cache = CritiqueCache()  # per loaded model: a swap to another encoder starts empty
     n_items = prepared.n_items
     if int(getattr(model, "n_items")) != n_items:
         raise ValueError(f"checkpoint {checkpoint} scores {model.n_items} items but dataset {dataset} has {n_items}")
     ckpt = Path(checkpoint)
     version = f"{meta.get('model_name')}@{ckpt.name}#{file_digest(ckpt / WEIGHTS_FILE)}"
     return LoadedModel(model=model.eval(), meta=meta, checkpoint=str(ckpt), dataset=dataset, version=version,
-                       loaded_at=time.time(), encoder=encoder)
+                       loaded_at=time.time(), encoder=encoder, critique_cache=critique_cache)
 
 
 def add_items_to_model(loaded: LoadedModel, texts: list[str]) -> None:
@@ -255,10 +257,8 @@ def rank(loaded: LoadedModel, catalog: Catalog, requests: Sequence[Prepared]) ->
             continue
         batch = make_batch([requests[i].history for i in rows], max_len=max_len)
         if with_critique:
-            from seqrec.models.flare import CritiqueCache, encode_critiques
+            from seqrec.models.flare import encode_critiques
 
-            if loaded.critique_cache is None:
-                loaded.critique_cache = CritiqueCache()
             tokens, mask = encode_critiques([requests[i].critique for i in rows], loaded.encoder,
                                             cache=loaded.critique_cache)
             batch["critique_tokens"], batch["critique_mask"] = tokens, mask  # (B, Tc, D), (B, Tc)

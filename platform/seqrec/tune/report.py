@@ -92,19 +92,15 @@ def stop_reason(report_steps: list[int], total_steps: int, *, rungs: set[int], b
 
 def asha_rungs(sweep: dict[str, Any]) -> set[int]:
     """The steps at which ASHA may stop a trial (grace_period x reduction_factor^k below max_t)."""
-    from seqrec.config import from_dict
-    from seqrec.tune.config import SpaceSpec, max_steps, parse_grid
+    from seqrec.tune.config import asha_schedule
 
-    s = sweep["grid"]["tune"]["scheduler"]
-    if s["type"] != "asha":
+    if sweep["grid"]["tune"]["scheduler"]["type"] != "asha":
         return set()
-    grid = parse_grid(sweep["grid"])
-    space = {k: from_dict(SpaceSpec, v) for k, v in sweep["space"].items()}
-    max_t = s.get("max_t") or max_steps(grid, int(sweep["base_steps"]), space)
-    rungs, t = set(), float(min(s["grace_period"], max_t))
+    max_t, grace, factor = asha_schedule(sweep)
+    rungs, t = set(), float(grace)
     while t < max_t:
         rungs.add(int(t))
-        t *= float(s["reduction_factor"])
+        t *= factor
     return rungs
 
 

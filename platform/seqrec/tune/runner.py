@@ -37,7 +37,6 @@ from seqrec.tune.config import (
     check_grid_points,
     experiment_dict,
     fixed_overrides,
-    max_steps,
     parse_grid,
     preset_point,
     swept_space,
@@ -316,15 +315,12 @@ def _param_space(sweep: dict[str, Any]) -> dict[str, Any]:
 
 
 def _scheduler(grid: GridConfig, sweep: dict[str, Any], asha_cls, fifo_cls):
-    s = grid.tune.scheduler
-    if s.type == "fifo":
+    if grid.tune.scheduler.type == "fifo":
         return fifo_cls()
-    from seqrec.tune.config import SpaceSpec
+    from seqrec.tune.config import asha_schedule
 
-    space = {k: from_dict(SpaceSpec, v) for k, v in sweep["space"].items()}
-    max_t = s.max_t or max_steps(grid, int(sweep["base_steps"]), space)
-    return asha_cls(time_attr="step", max_t=max_t, grace_period=min(s.grace_period, max_t),
-                    reduction_factor=s.reduction_factor)
+    max_t, grace, factor = asha_schedule(sweep)
+    return asha_cls(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=factor)
 
 
 def _read_sweep(sweep_dir: Path) -> dict[str, Any]:
