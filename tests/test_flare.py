@@ -179,6 +179,28 @@ def test_critique_cache_equals_fresh_encoding(demo_dataset, demo_features):
     assert len(cache._rows) == 2 and "something cheaper" not in cache._rows  # least recently used went first
 
 
+def test_cached_critique_hints_give_the_scores_of_critique_tokens(demo_dataset, demo_features):
+    """Serving passes each critique's hint vector (the Perceiver output, cached per text) as critique_hint:
+    the scores equal score_all on the critique tokens; a repeated text is computed once."""
+    from seqrec.features.encoder import FrozenTextEncoder
+    from seqrec.models.flare import CritiqueCache, encode_critiques
+
+    model = _model(demo_dataset, demo_features).eval()
+    enc = FrozenTextEncoder.load("minilm", max_tokens=32)
+    texts = ["something cheaper", "lab storage", "something cheaper"]
+    batch = make_batch(demo_dataset.eval_rows("test").histories[:3], max_len=model.max_len)
+    tok, mask = encode_critiques(texts, enc)
+    expected = model.score_all({**batch, "critique_tokens": tok, "critique_mask": mask})
+    cache = CritiqueCache()
+    for _ in range(2):
+        hint = cache.hints(texts, enc, model)  # (B, D)
+        assert hint.shape == (3, model.config.dim) and torch.equal(hint[0], hint[2])
+        assert torch.allclose(model.score_all({**batch, "critique_hint": hint}), expected, atol=1e-4)
+    assert (cache.misses, cache.hits) == (2, 4) and len(cache._hints) == 2
+    with pytest.raises(ValueError, match="critique_hint"):
+        model.score_all({**batch, "critique_hint": hint[:, :3]})
+
+
 # ------------------------------------------------------------------------------ cache and cold start
 def test_feature_cache_invalidation_on_text_change(demo_dataset, demo_features, tmp_path):
     """A changed item text is re-encoded (only that one) and reaches the model; train() drops cached tables."""

@@ -122,6 +122,24 @@ def test_packed_equals_alone(name):
     assert torch.allclose(hp, ha, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layers", [0, 1, 3])
+def test_query_rows_only_equal_full_encoder_output(causal, layers):
+    """Inference computes the last block for the one wanted position per row (run_blocks' `query`); it must
+    equal that row of the full (B, L, D) output, for bidirectional (Bert4Rec) and causal (SASRec) masks."""
+    from seqrec.models.layers import Encoder
+
+    torch.manual_seed(0)
+    enc = Encoder(30, 12, 16, 4, 32, layers, 0.1, 0.1, 0.02).eval()
+    tokens, positions = torch.randint(1, 30, (5, 11)), torch.arange(11).expand(5, -1)
+    query = torch.tensor([0, 4, 10, 7, 3])
+    mask = attention_mask((positions <= query[:, None]).long(), causal)
+    full = enc(tokens, positions, mask)  # (B, L, D)
+    fast = enc(tokens, positions, mask, query=query)  # (B, D)
+    assert fast.shape == (5, 16)
+    assert torch.allclose(fast, full[torch.arange(5), query], atol=1e-6)
+
+
 def test_positions_from_end_hand_computed():
     segments = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])

@@ -137,6 +137,16 @@ def test_fuzz_malformed_requests_get_4xx(served, demo_dataset):
     assert requests.get(url + "/healthz", timeout=10).status_code == 200
     assert post(url, "/recommend", {"history": [1, 2], "k": 3}).status_code == 200
 
+    # /recommend with application/json goes through app.RecommendFastPath; a "+json" content type is parsed by
+    # the FastAPI route instead: both paths give the same statuses, and the same answer to a valid request
+    via_route = {"content-type": "application/vnd.seqrec+json"}
+    for (path, raw), status in zip(cases, statuses):
+        if path == "/recommend":
+            resp = post(url, path, raw, headers=via_route)
+            assert resp.status_code == status and resp.json()["error"], (raw[:200], status, resp.text[:300])
+    valid = {"history": [1, 2, 7], "k": 5, "exclude_history": True}
+    assert post(url, "/recommend", valid, headers=via_route).json() == post(url, "/recommend", valid).json()
+
 
 def test_catalog_update_reaches_search_and_recommend(served, demo_dataset):
     url = served["url"]
@@ -412,6 +422,25 @@ def test_calrec_generator_ranks_its_generations_with_qrr(served, demo_dataset):
     # a swap must stay within the generator kind
     with pytest.raises(ValueError, match="served by the Recommender"):
         with_model(config, checkpoint=str(served["a"]))
+
+
+def test_top_k_rows_equals_stable_sort_with_ties_and_excluded_items():
+    """Served top-k = a stable sort of the row (score desc, index asc), -inf (excluded history) dropped, also
+    when ties straddle the k-th place (the batched topk's cut among them is arbitrary)."""
+    from seqrec.serve.core import top_k_rows
+
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.integers(0, 6, size=(40, 30)).astype(np.float32))  # many ties
+    scores[3, :] = float("-inf")
+    scores[4, 5:] = float("-inf")  # fewer finite items than k
+    scores[5] = torch.arange(30, dtype=torch.float32)  # no ties
+    for k in (1, 10, 30):
+        for row, (idx, val) in zip(scores, top_k_rows(scores, k)):
+            order = np.lexsort((np.arange(30), -row.double().numpy()))[:k]
+            order = order[np.isfinite(row.numpy()[order])]
+            assert idx.tolist() == order.tolist()
+            assert np.array_equal(val, row.double().numpy()[order])
+    assert [len(i) for i, _ in top_k_rows(scores[:0], 5)] == [] and len(top_k_rows(scores, 0)[0][0]) == 0
 
 
 def test_model_source_resolution(demo_dataset, tmp_path):

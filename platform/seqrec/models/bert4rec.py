@@ -129,8 +129,7 @@ class Bert4Rec(nn.Module):
         segments = (positions <= lengths[:, None]).long()
         if self.config.positions_from_end:  # the mask token (at index `lengths`) gets 0, its predecessor 1, ...
             positions = (lengths[:, None] - positions).clamp(min=0)
-        h = self.encoder(tokens, positions, attention_mask(segments, causal=False))
-        return h[rows, lengths]  # (B, D)
+        return self.encoder(tokens, positions, attention_mask(segments, causal=False), query=lengths)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)

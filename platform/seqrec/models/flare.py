@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from seqrec.models.bert4rec import cloze_mask
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
-from seqrec.models.layers import Encoder, attention_mask, keep_recent
+from seqrec.models.layers import Encoder, attention_mask, keep_recent, run_blocks
 from seqrec.models.perceiver import TYPE_CRITIQUE, TYPE_TEXT, PerceiverResampler
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class CritiqueCache:
 
         self.max_entries = max_entries
         self._rows: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self._hints: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
@@ -208,6 +209,28 @@ class CritiqueCache:
             self.hits += len(texts) - len(missing)
             self.misses += len(missing)
         return found
+
+    def hints(self, texts: Sequence[str], encoder, model: "Flare") -> torch.Tensor:
+        """(B, D): the model's critique hint vector (its Perceiver over the critique tokens) per text. One cache
+        serves one loaded model (serving creates it with the model), so a text's hint is computed once; the
+        encodings come from `lookup`, so hits and misses count encoder work."""
+        with self._lock:
+            found = {t: self._hints[t] for t in dict.fromkeys(texts) if t in self._hints}
+            for t in found:
+                self._hints.move_to_end(t)
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            tokens, mask = encode_critiques(missing, encoder, cache=self)
+            with torch.no_grad():
+                vec = model.critique_hints(tokens, mask)  # (M, D)
+            with self._lock:
+                for j, t in enumerate(missing):
+                    found[t] = self._hints[t] = vec[j].clone()
+                while len(self._hints) > self.max_entries:
+                    self._hints.popitem(last=False)
+        with self._lock:  # texts already hinted never reach `lookup`: count them here
+            self.hits += len(texts) - len(missing)
+        return torch.stack([found[t] for t in texts])
 
 
 def encode_critiques(texts: Sequence[str | None], encoder, cache: CritiqueCache | None = None
@@ -354,6 +377,11 @@ class Flare(nn.Module):
         types = torch.full(mask.shape, TYPE_TEXT, dtype=torch.long, device=mask.device)
         return self.perceiver(tokens, mask, types)
 
+    def critique_hints(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(M, D) the hint vectors of critique tokens (M, Tc, Dt) / mask (M, Tc), as scoring computes them;
+        `score_all` takes them precomputed as batch["critique_hint"] (serving caches them per text)."""
+        return self._critique_text(tokens, mask)
+
     def _critique_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Perceiver over critique tokens only (the masked position's T is hidden) -> (M, D); rows with
         no critique token get t_mask."""
@@ -370,16 +398,14 @@ class Flare(nn.Module):
         return out  # (M, D)
 
     def _encode(self, ids: torch.Tensor, text: torch.Tensor | None, positions: torch.Tensor,
-                attn: torch.Tensor) -> torch.Tensor:
-        """The Bert4Rec stack over c = e + t (+ position). ids (B, L) tokens, text (B, L, D) or None."""
+                attn: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """The Bert4Rec stack over c = e + t (+ position). ids (B, L) tokens, text (B, L, D) or None.
+        (B, L, D), or (B, D) at the `query` positions only (layers.run_blocks)."""
         enc = self.encoder
         x = enc.item_emb(ids) + enc.pos_emb(positions)  # (B, L, D)
         if text is not None:
             x = x + text
-        x = enc.drop(x)
-        for block in enc.blocks:
-            x = block(x, attn)
-        return enc.ln_f(x)  # (B, L, D)
+        return run_blocks(enc.blocks, enc.ln_f, enc.drop(x), attn, query)
 
     def id_table(self) -> torch.Tensor:
         return self.encoder.item_emb.weight[1 : self.n_id_items + 1]  # (N_id, D), tied output
@@ -505,19 +531,23 @@ class Flare(nn.Module):
             text = torch.where(real[..., None], t_all[safe], torch.zeros((), device=dev))  # (B, W, D)
             text = torch.cat([text, text.new_zeros(b, 1, text.shape[2])], 1)  # (B, W+1, D)
             crit_tok, crit_mask = batch.get("critique_tokens"), batch.get("critique_mask")
-            if crit_tok is not None:
+            crit_hint = batch.get("critique_hint")
+            if crit_hint is not None:
+                if crit_hint.shape != (b, text.shape[2]):
+                    raise ValueError(f"critique_hint must be (B, D) = ({b}, {text.shape[2]}); got {tuple(crit_hint.shape)}")
+                hint = crit_hint.to(dev, text.dtype)
+            elif crit_tok is not None:
                 if crit_mask is None or crit_tok.shape[0] != b or crit_mask.shape != crit_tok.shape[:2]:
                     raise ValueError("critique_tokens (B, Tc, D) needs critique_mask (B, Tc) with the same B")
                 hint = self._critique_text(crit_tok.to(dev), crit_mask.to(dev))  # (B, D)
             else:
                 hint = self.text_mask.expand(b, -1)
             text[rows, lengths] = hint
-        h = self._encode(ids, text, positions, attention_mask(segments, causal=False))
-        return h[rows, lengths]  # (B, D)
+        return self._encode(ids, text, positions, attention_mask(segments, causal=False), query=lengths)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, n_items) scores. Optional batch keys: critique_tokens (B, Tc, D) float, critique_mask (B, Tc) bool
-        (an all-False row = no critique)."""
+        (an all-False row = no critique), or critique_hint (B, D) = `critique_hints` of those, precomputed."""
         tables = self._tables()
         return chunked_scores(self.user_vectors(batch), tables["out"], tables["bias"])  # (B, V)
 

@@ -39,13 +39,21 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_dropout = attn_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D), mask (B, 1, Lq, L). `queries` (B, Lq, D): attend from these rows only (keys and values
+        still come from all of x) -> (B, Lq, D); None: every position queries -> (B, L, D)."""
         b, length, dim = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)  # 3x (B, H, L, Dh)
+        dh = dim // self.heads
+        if queries is None:
+            q, k, v = self.qkv(x).view(b, length, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # 3x (B, H, L, Dh)
+        else:  # the same fused weight, split: Q for the query rows, K and V for every position
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(queries, w[:dim], bias[:dim]).view(b, -1, self.heads, dh).transpose(1, 2)  # (B, H, Lq, Dh)
+            k, v = F.linear(x, w[dim:], bias[dim:]).view(b, length, 2, self.heads, dh).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, H, L, Dh)
-        return self.proj(y.transpose(1, 2).reshape(b, length, dim))
+        )  # (B, H, Lq, Dh)
+        return self.proj(y.transpose(1, 2).reshape(b, q.shape[2], dim))
 
 
 class Block(nn.Module):
@@ -59,9 +67,35 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), mask))
-        return x + self.drop(self.ff(self.ln2(x)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); with `query` (B,) position indices, only those rows' outputs -> (B, 1, D)."""
+        if query is None:
+            x = x + self.drop(self.attn(self.ln1(x), mask))
+            return x + self.drop(self.ff(self.ln2(x)))
+        rows = torch.arange(x.shape[0], device=x.device)
+        h = self.ln1(x)  # (B, L, D): keys and values need every position
+        xq = x[rows, query][:, None]  # (B, 1, D)
+        mask_q = mask[rows, 0, query][:, None, None, :]  # (B, 1, 1, L): the query rows of the mask
+        xq = xq + self.drop(self.attn(h, mask_q, queries=h[rows, query][:, None]))
+        return xq + self.drop(self.ff(self.ln2(xq)))  # (B, 1, D)
+
+
+def run_blocks(blocks: nn.ModuleList, ln_f: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor,
+               query: torch.Tensor | None = None) -> torch.Tensor:
+    """The block stack and final norm over embedded inputs x (B, L, D) -> (B, L, D).
+
+    `query` (B,): the one position per row whose output is wanted (inference: the mask token / last item).
+    The last block then computes attention, feed-forward and norm for that row alone -> (B, D); the result
+    is the same as indexing the full output (the other rows feed it only as keys and values), at about
+    1/L of that block's work.
+    """
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        x = block(x, mask, query if i == last else None)
+    if query is not None and last < 0:  # no blocks: pick the rows directly
+        x = x[torch.arange(x.shape[0], device=x.device), query][:, None]
+    x = ln_f(x)
+    return x if query is None else x[:, 0]
 
 
 class Encoder(nn.Module):
@@ -77,11 +111,11 @@ class Encoder(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
         self.apply(lambda m: _init(m, init_std))
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                query: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D); with `query` (B,) positions, only those rows -> (B, D) (see run_blocks)."""
         x = self.drop(self.item_emb(tokens) + self.pos_emb(positions))  # (B, L, D)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_f(x)  # (B, L, D)
+        return run_blocks(self.blocks, self.ln_f, x, mask, query)
 
 
 def _init(module: nn.Module, std: float) -> None:

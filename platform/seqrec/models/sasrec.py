@@ -51,9 +51,11 @@ class SASRec(nn.Module):
     def item_table(self) -> torch.Tensor:
         return self.encoder.item_emb.weight[1:]  # (V, D), tied input/output embeddings
 
-    def encode(self, items: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor,
+               query: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, D), or (B, D) at the `query` positions only."""
         tokens = (items + 1).clamp(min=0)  # PAD -1 -> token 0
-        return self.encoder(tokens, positions, attention_mask(segments, causal=True))  # (B, L, D)
+        return self.encoder(tokens, positions, attention_mask(segments, causal=True), query)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.encode(batch["items"], batch["positions"], batch["segments"])  # (B, L, D)
@@ -71,9 +73,8 @@ class SASRec(nn.Module):
         width = history.shape[1]
         positions = torch.arange(width, device=history.device).expand_as(history)
         segments = (positions < lengths[:, None]).long()  # 1 = real, 0 = padding
-        h = self.encode(history, positions, segments)  # (B, W, D)
         last = (lengths - 1).clamp(min=0)
-        return h[torch.arange(h.shape[0], device=h.device), last]  # (B, D)
+        return self.encode(history, positions, segments, query=last)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)

@@ -72,6 +72,12 @@ class ServeSettings:
     batch_wait_timeout_s: float = 0.002  # a short wait: batching must not cost more latency than it saves
     catalog_sync_s: float = 0.5  # how often replicas pull catalog additions from the catalog store
     torch_threads: int = 1  # per replica; replicas scale out, not up (one core each on this class of machine)
+    # Rank a batch in a worker thread (the event loop keeps reading requests meanwhile) or inline on the event
+    # loop (no thread hop; the batch blocks the loop for its few milliseconds).
+    rank_in_thread: bool = True
+    # POST /recommend answered by app.RecommendFastPath (same validation and code, without FastAPI's routing);
+    # turn off when FastAPI middleware or dependencies you add must see /recommend requests.
+    fast_recommend_path: bool = True
     encoder: str = "minilm"  # text encoder for models that read item text features / critiques
     access_log: bool = False  # Serve's per-request log lines (proxy and each replica)
     # Rank inside the ingress replicas (score_all models only): one Serve hop fewer per request. The model is

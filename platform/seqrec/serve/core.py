@@ -120,24 +120,41 @@ class Catalog:
 def top_k_rows(scores: torch.Tensor, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per row: (item indices, scores) of the k best finite scores, score descending, ties by lower index.
 
-    `topk` alone does not define the order among equal scores; every item tied with the k-th score is
-    gathered and ordered explicitly, so the result equals a stable sort of the whole row.
+    `topk` alone does not define the order among equal scores. One batched `topk`, then its k entries are
+    ordered by (score desc, index asc); a row where more items tie with its k-th score than fit (topk's cut
+    among them is arbitrary) is redone by `_top_k_row`, which gathers every tied item. Either way the result
+    equals a stable sort of the whole row.
     """
-    out = []
-    n = scores.shape[1]
+    b, n = scores.shape
     k = max(0, min(int(k), n))
-    for row in scores:
-        if k == 0:
-            out.append((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)))
+    if k == 0 or b == 0:
+        return [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)) for _ in range(b)]
+    vals, idx = torch.topk(scores, k, dim=1)  # (B, k)
+    order = torch.argsort(idx, dim=1)  # index ascending, then a stable sort by score: (score desc, index asc)
+    idx, vals = idx.gather(1, order), vals.gather(1, order)
+    order = torch.argsort(vals, dim=1, descending=True, stable=True)
+    idx, vals = idx.gather(1, order), vals.gather(1, order)
+    cut_ties = (scores >= vals[:, -1:]).sum(1) > k  # (B,)
+    idx_np, vals_np = idx.numpy(), vals.double().numpy()
+    out = []
+    for row in range(b):
+        if bool(cut_ties[row]):
+            out.append(_top_k_row(scores[row], k))
             continue
-        kth = torch.topk(row, k).values[-1]
-        cand = torch.nonzero(row >= kth).squeeze(1).numpy()
-        vals = row[cand].double().numpy()
-        order = np.lexsort((cand, -vals))[:k]
-        idx, val = cand[order], vals[order]
-        keep = np.isfinite(val)  # excluded (history) items are -inf
-        out.append((idx[keep].astype(np.int64), val[keep]))
+        keep = np.isfinite(vals_np[row])  # excluded (history) items are -inf
+        out.append((idx_np[row][keep].astype(np.int64), vals_np[row][keep]))
     return out
+
+
+def _top_k_row(row: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row, every item tied with the k-th score gathered and ordered explicitly."""
+    kth = torch.topk(row, k).values[-1]
+    cand = torch.nonzero(row >= kth).squeeze(1).numpy()
+    vals = row[cand].double().numpy()
+    order = np.lexsort((cand, -vals))[:k]
+    idx, val = cand[order], vals[order]
+    keep = np.isfinite(val)
+    return idx[keep].astype(np.int64), val[keep]
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -257,11 +274,14 @@ def rank(loaded: LoadedModel, catalog: Catalog, requests: Sequence[Prepared]) ->
             continue
         batch = make_batch([requests[i].history for i in rows], max_len=max_len)
         if with_critique:
-            from seqrec.models.flare import encode_critiques
+            texts = [requests[i].critique for i in rows]
+            if loaded.critique_cache is not None and hasattr(model, "critique_hints"):
+                batch["critique_hint"] = loaded.critique_cache.hints(texts, loaded.encoder, model)  # (B, D)
+            else:
+                from seqrec.models.flare import encode_critiques
 
-            tokens, mask = encode_critiques([requests[i].critique for i in rows], loaded.encoder,
-                                            cache=loaded.critique_cache)
-            batch["critique_tokens"], batch["critique_mask"] = tokens, mask  # (B, Tc, D), (B, Tc)
+                tokens, mask = encode_critiques(texts, loaded.encoder, cache=loaded.critique_cache)
+                batch["critique_tokens"], batch["critique_mask"] = tokens, mask  # (B, Tc, D), (B, Tc)
         scores = model.score_all(batch)  # (B, n_items)
         if scores.dtype not in (torch.float32, torch.float64):
             scores = scores.float()

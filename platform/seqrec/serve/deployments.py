@@ -239,7 +239,10 @@ class Recommender(_CatalogFollower):
         state = self._state
         loaded, catalog = state
         try:
-            results = await asyncio.to_thread(self._rank_locked, loaded, catalog, requests)
+            if self.settings.rank_in_thread:
+                results = await asyncio.to_thread(self._rank_locked, loaded, catalog, requests)
+            else:
+                results = self._rank_locked(loaded, catalog, requests)
         except Exception as e:  # a bug or a model error: every request of the batch gets the message
             log.exception("ranking failed")
             return [RequestError(500, f"ranking failed: {type(e).__name__}: {e}").as_dict()] * len(requests)
