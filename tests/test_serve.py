@@ -270,6 +270,38 @@ def test_api_key_dependency(monkeypatch):
         assert e.value.status_code == 401
 
 
+def test_body_limit_reads_chunked_bodies_up_to_the_limit():
+    """BodyLimit on a body without Content-Length (chunked): 413 once it passes the limit, otherwise the
+    whole body is replayed to the app in one message."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from seqrec.serve.app import BodyLimit
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    def run(chunks):
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "headers": [], "app": SimpleNamespace(state=SimpleNamespace(max_body_bytes=10))}
+        asyncio.run(BodyLimit(app)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert run([b"1234", b"5678"]) == 200 and seen[-1] == {"type": "http.request", "body": b"12345678", "more_body": False}
+    assert run([b"123456", b"78901"]) == 413 and len(seen) == 1
+
+
 def test_score_in_ingress_same_rankings_and_swap(served, demo_dataset):
     """score_in_ingress: the ingress replica ranks with the Recommender's code (one Serve hop fewer); rankings
     still equal offline score_all, the model is the Ingress's user_config and a swap reconfigures it in place."""

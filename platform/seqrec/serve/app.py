@@ -71,17 +71,10 @@ class BodyLimit:
                 return await _send_error(send, 413, f"request body over {limit} bytes")
             return await self.app(scope, receive, send)
         # no declared length (chunked): read up to the limit, then replay to the app
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return await _send_error(send, 413, f"request body over {limit} bytes")
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        try:
+            body, _ = await _read_body(receive, limit)
+        except _BodyTooLarge:
+            return await _send_error(send, 413, f"request body over {limit} bytes")
         sent = False
 
         async def replay():
@@ -92,6 +85,26 @@ class BodyLimit:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(receive, limit: Optional[int] = None) -> tuple[bytes, bool]:
+    """(body, complete) from the ASGI receive channel: every chunk up to the last one (complete) or up to a
+    disconnect (not complete); raises _BodyTooLarge as soon as more than `limit` bytes have arrived."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if limit is not None and size > limit:
+            raise _BodyTooLarge
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
 
 
 async def _send_error(send, status: int, message: str) -> None:
@@ -165,20 +178,17 @@ class RecommendFastPath:
         ingress = None
         if scope["type"] == "http" and scope.get("path") == "/recommend" and scope.get("method") == "POST" and "app" in scope:
             ingress = getattr(scope["app"].state, "fast_ingress", None)
-        headers = dict(scope.get("headers") or []) if ingress is not None else {}
-        if ingress is None or not headers.get(b"content-type", b"").lower().startswith(b"application/json"):
+        if ingress is None:
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
+        headers = dict(scope.get("headers") or [])
+        if not headers.get(b"content-type", b"").lower().startswith(b"application/json"):
+            return await self.app(scope, receive, send)
+        body, complete = await _read_body(receive)  # BodyLimit (outside) has enforced the size limit
+        if not complete:
+            return  # the client went away
         try:
             key = headers.get(b"x-api-key")
             check_api_key(key.decode("latin-1") if key is not None else None)
-            body = b"".join(chunks)
             try:  # parsed as the route parses it: json.loads (422 if not JSON, 400 if not text), then the schema
                 data = json.loads(body) if body else None
             except json.JSONDecodeError as e:

@@ -260,7 +260,7 @@ def check_grid_points(grid: GridConfig, base: dict[str, Any], fixed: dict[str, A
                              f"grid {grid.name}: space {key}={v!r}")
 
 
-def max_steps(grid: GridConfig | None, cfg_steps: int, space: dict[str, SpaceSpec]) -> int:
+def max_steps(cfg_steps: int, space: dict[str, SpaceSpec]) -> int:
     spec = space.get("train.steps")
     return int(max(cfg_steps, spec.upper())) if spec is not None else int(cfg_steps)
 
@@ -270,7 +270,7 @@ def asha_schedule(sweep: dict[str, Any]) -> tuple[int, int, float]:
     max_t defaults to the largest train.steps a trial can get; the grace period never exceeds it."""
     s = sweep["grid"]["tune"]["scheduler"]
     space = {k: from_dict(SpaceSpec, v) for k, v in sweep["space"].items()}
-    max_t = int(s.get("max_t") or max_steps(None, int(sweep["base_steps"]), space))
+    max_t = int(s.get("max_t") or max_steps(int(sweep["base_steps"]), space))
     return max_t, int(min(s["grace_period"], max_t)), float(s["reduction_factor"])
 
 
