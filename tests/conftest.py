@@ -51,3 +51,22 @@ def scientific_dataset(tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("scientific")
     prepare_unisrec(shared_data / "Scientific", out)
     return PreparedDataset.load(out)
+
+
+@pytest.fixture
+def packed_and_padded_scores(monkeypatch):
+    """score_all(model, batch) twice: with QueryPacking as the model plans it, and with packing switched off
+    (every batch padded), for tests that the two agree."""
+    import torch
+
+    from seqrec.models.layers import QueryPacking
+
+    def run(model, batch):
+        with torch.no_grad():
+            packed = model.score_all(batch)
+            with monkeypatch.context() as patch:
+                patch.setattr(QueryPacking, "plan", staticmethod(lambda *a, **k: None))
+                padded = model.score_all(batch)
+        return packed, padded
+
+    return run

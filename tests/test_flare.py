@@ -34,6 +34,43 @@ def _model(demo_dataset, demo_features, **kw) -> Flare:
 
 
 # ----------------------------------------------------------------------------------------- Perceiver
+def test_cross_attention_equals_projected_keys_and_values():
+    """The resampler's cross-attention never projects the keys (see CrossAttention): it must equal the textbook
+    form softmax(q W_k x / sqrt(Dh)) W_v x over [tokens ; latents] with the same weights, with a key mask (one
+    row with no visible token), and with attention dropout (same seed -> same dropped weights)."""
+    from seqrec.models.perceiver import CrossAttention
+
+    torch.manual_seed(0)
+    att = CrossAttention(dim=12, heads=3, attn_dropout=0.3)
+    for layer in (att.q, att.kv, att.proj):
+        torch.nn.init.normal_(layer.bias)  # non-zero biases: b_k and b_v terms are exercised
+    lat, keys = torch.randn(4, 2, 12), torch.randn(4, 9, 12)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, :8] = False
+    mask[3, :] = False  # only the latents to attend to
+
+    def projected(training: bool) -> torch.Tensor:
+        m, k, p = lat.shape
+        q = att.q(lat).view(m, k, 3, 4).transpose(1, 2)  # (M, H, K, Dh)
+        full = torch.cat([keys, lat], 1)  # (M, S + K, P): the latents are keys too
+        full_mask = torch.cat([mask, torch.ones(m, k, dtype=torch.bool)], 1)
+        kv = att.kv(full).view(m, 9 + k, 2, 3, 4).permute(2, 0, 3, 1, 4)  # 2 x (M, H, S + K, Dh)
+        scores = (q @ kv[0].transpose(-1, -2)) / 2.0  # sqrt(Dh) = 2
+        a = scores.masked_fill(~full_mask[:, None, None, :], float("-inf")).softmax(-1)
+        if training:
+            a = torch.nn.functional.dropout(a, 0.3)
+        return att.proj((a @ kv[1]).transpose(1, 2).reshape(m, k, p))
+
+    att.eval()
+    assert torch.allclose(att(lat, keys, mask), projected(False), atol=1e-5)
+    att.train()
+    torch.manual_seed(5)
+    ours = att(lat, keys, mask)
+    torch.manual_seed(5)
+    assert torch.allclose(ours, projected(True), atol=1e-5)
+
+
 def test_perceiver_shapes_and_masks():
     torch.manual_seed(0)
     p = PerceiverResampler(in_dim=12, dim=8, out_dim=5, n_latents=3, layers=2, heads=2, dropout=0.0, attn_dropout=0.0).eval()
@@ -307,3 +344,17 @@ def test_tiny_ray_train_run(ray_session, demo_dataset, tmp_path):
     model, meta = load_model(summary["best_checkpoint"])
     assert meta["model_name"] == "flare" and meta["model"]["critique_prob"] == 0.3
     assert (demo_dataset.path / "features").exists()  # the driver filled the dataset's feature cache
+
+
+def test_flare_packed_inference_equals_padded(demo_dataset, demo_features, packed_and_padded_scores):
+    """Flare packs short histories too (text and the critique hint travel with their slots)."""
+    from seqrec.models.layers import QueryPacking
+
+    model = _model(demo_dataset, demo_features).eval()
+    rng = np.random.default_rng(1)
+    history = [rng.integers(0, demo_dataset.n_items, k) for k in (20, 2, 5, 1, 3, 7) * 3]  # 18 x 21 slots padded
+    batch = make_batch(history, max_len=model.max_len)
+    batch["critique_hint"] = torch.randn(len(history), model.config.dim)
+    assert QueryPacking.plan(batch["lengths"] + 1, 21, batch["lengths"]) is not None
+    packed, padded = packed_and_padded_scores(model, batch)
+    assert torch.allclose(packed, padded, atol=1e-5)

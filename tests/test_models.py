@@ -140,6 +140,41 @@ def test_query_rows_only_equal_full_encoder_output(causal, layers):
     assert torch.allclose(fast, full[torch.arange(5), query], atol=1e-6)
 
 
+def test_query_packing_layout_hand_computed():
+    """Users laid end to end in rows of `capacity` slots (greedy, batch order), queries per row, and back."""
+    from seqrec.models.layers import QueryPacking
+
+    spans, queries = torch.tensor([3, 2, 5]), torch.tensor([2, 1, 4])
+    pk = QueryPacking.plan(spans, width=6, queries=queries, capacity=5, min_slots=0)  # 2 rows x 5 vs 3 x 6
+    assert pk.index.tolist() == [[0, 1, 2, 6, 7], [12, 13, 14, 15, 16]]
+    assert pk.segments.tolist() == [[1, 1, 1, 2, 2], [1, 1, 1, 1, 1]]
+    assert pk.query.tolist() == [[2, 4], [4, 0]]  # row 1 has one user: its second query slot repeats slot 0
+    assert pk.order.tolist() == [0, 1, 2]  # flat (R * Q) outputs: [u0, u1, u2, (row 1 filler)]
+    padded = torch.arange(18).view(3, 6) * 10
+    assert pk.pack(padded).tolist() == [[0, 10, 20, 60, 70], [120, 130, 140, 150, 160]]
+    assert pk.unpack(torch.tensor([[[1.0], [2.0]], [[3.0], [9.0]]])).tolist() == [[1.0], [2.0], [3.0]]
+    # no saving (one long user per row anyway) or an empty history: None, the caller pads
+    assert QueryPacking.plan(torch.tensor([6, 6]), width=6, queries=torch.tensor([5, 5]), capacity=6, min_slots=0) is None
+    assert QueryPacking.plan(torch.tensor([0, 2]), width=6, queries=torch.tensor([0, 1]), min_slots=0) is None
+    assert QueryPacking.plan(spans, width=6, queries=queries, capacity=5) is None  # 18 slots: too small to pay
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_packed_inference_equals_padded(name, packed_and_padded_scores):
+    """score_all packs short histories into shared rows (QueryPacking); the scores must equal the padded
+    computation's, for a batch mixing one long history with short ones (so the plan packs)."""
+    from seqrec.models.layers import QueryPacking
+
+    torch.manual_seed(0)
+    model = build_model(name, {**TINY, "max_len": 30}, 60).eval()
+    rng = np.random.default_rng(0)
+    history = [rng.integers(0, 60, n) for n in (30, 2, 5, 1, 3, 7, 2, 4) * 2]  # 16 x 31 slots padded
+    batch = make_batch(history, max_len=model.max_len)
+    assert QueryPacking.plan(batch["lengths"] + 1, 31, batch["lengths"]) is not None
+    packed, padded = packed_and_padded_scores(model, batch)
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
 def test_positions_from_end_hand_computed():
     segments = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])

@@ -6,6 +6,9 @@ each other (segment 0 == 0), so no softmax row is empty (no NaN) and real items 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,34 +71,109 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D); with `query` (B,) position indices, only those rows' outputs -> (B, 1, D)."""
+        """(B, L, D) -> (B, L, D); with `query` (B, Q) position indices, only those rows' outputs -> (B, Q, D)."""
         if query is None:
             x = x + self.drop(self.attn(self.ln1(x), mask))
             return x + self.drop(self.ff(self.ln2(x)))
-        rows = torch.arange(x.shape[0], device=x.device)
         h = self.ln1(x)  # (B, L, D): keys and values need every position
-        xq = x[rows, query][:, None]  # (B, 1, D)
-        mask_q = mask[rows, 0, query][:, None, None, :]  # (B, 1, 1, L): the query rows of the mask
-        xq = xq + self.drop(self.attn(h, mask_q, queries=h[rows, query][:, None]))
-        return xq + self.drop(self.ff(self.ln2(xq)))  # (B, 1, D)
+        pick = query[..., None].expand(-1, -1, x.shape[2])  # (B, Q, D)
+        xq = x.gather(1, pick)  # (B, Q, D)
+        mask_q = mask[:, 0].gather(1, query[..., None].expand(-1, -1, mask.shape[3]))[:, None]  # (B, 1, Q, L)
+        xq = xq + self.drop(self.attn(h, mask_q, queries=h.gather(1, pick)))
+        return xq + self.drop(self.ff(self.ln2(xq)))  # (B, Q, D)
 
 
 def run_blocks(blocks: nn.ModuleList, ln_f: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor,
                query: torch.Tensor | None = None) -> torch.Tensor:
     """The block stack and final norm over embedded inputs x (B, L, D) -> (B, L, D).
 
-    `query` (B,): the one position per row whose output is wanted (inference: the mask token / last item).
-    The last block then computes attention, feed-forward and norm for that row alone -> (B, D); the result
-    is the same as indexing the full output (the other rows feed it only as keys and values), at about
-    1/L of that block's work.
+    `query` (B,): the one position per row whose output is wanted (inference: the mask token / last item) ->
+    (B, D); or (B, Q): several per row (packed rows, `QueryPacking`) -> (B, Q, D). The last block then computes
+    attention, feed-forward and norm for those rows alone; the result is the same as indexing the full output
+    (the other rows feed it only as keys and values), at about Q/L of that block's work.
     """
+    one = query is not None and query.dim() == 1
+    if one:
+        query = query[:, None]
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
         x = block(x, mask, query if i == last else None)
     if query is not None and last < 0:  # no blocks: pick the rows directly
-        x = x[torch.arange(x.shape[0], device=x.device), query][:, None]
+        x = x.gather(1, query[..., None].expand(-1, -1, x.shape[2]))
     x = ln_f(x)
-    return x if query is None else x[:, 0]
+    return x[:, 0] if one else x
+
+
+@dataclass
+class QueryPacking:
+    """Inference batches packed like training rows: each user's slots (history + query slot) laid end to end
+    in rows of `capacity` slots with block-diagonal attention, instead of every user padded to the batch's
+    longest. Scientific's histories average ~6 items, so a serving batch of 8 padded to width 10-14 is over
+    half padding, and the full-width layers pay for it. Exact: a slot sees only its own user's slots either
+    way (the same segment-id masks as training), and positions are the user's own.
+
+        index (R, C) long: flat index into the padded (B * W) slots, -1 = an empty slot of the packed row
+        segments (R, C): 1..n per user in the row, 0 = empty
+        query (R, Q): each row's query positions (the row's first slot repeated where it has fewer than Q)
+        order (B,): where user b's output lies in the flattened (R * Q) query outputs
+    """
+
+    index: torch.Tensor
+    segments: torch.Tensor
+    query: torch.Tensor
+    order: torch.Tensor
+
+    @staticmethod
+    def plan(spans: torch.Tensor, width: int, queries: torch.Tensor, capacity: int = 64,
+             min_saving: float = 0.25, min_slots: int = 256) -> "QueryPacking | None":
+        """spans (B,): used slots per left-aligned row of a (B, width) batch; queries (B,): each row's query
+        position. None (pad as usual) when packing would not save at least `min_saving` of the slots, or the
+        padded batch has under `min_slots` slots: then the planning and gathers cost about what they save
+        (measured on Flare / Bert4Rec, Scientific test histories: no gain at 8 users, 1.3x at 16, 3x at 256)."""
+        b = spans.shape[0]
+        if b == 0 or b * width < min_slots:
+            return None
+        spans_np = spans.detach().cpu().numpy().astype(np.int64)
+        if spans_np.min() < 1:  # an empty row has no slot of its own to query
+            return None
+        cap = max(int(capacity), int(spans_np.max(initial=1)))
+        rows, fill = [], cap  # greedy in batch order: a user goes to the current row if it fits
+        for i, n in enumerate(spans_np):
+            if fill + n > cap:
+                rows.append([])
+                fill = 0
+            rows[-1].append(i)
+            fill += n
+        if len(rows) * cap > (1 - min_saving) * b * width:
+            return None
+        n_q = max(len(r) for r in rows)
+        index = np.full((len(rows), cap), -1, dtype=np.int64)
+        segments = np.zeros((len(rows), cap), dtype=np.int64)
+        query = np.zeros((len(rows), n_q), dtype=np.int64)
+        order = np.zeros(b, dtype=np.int64)
+        q_np = queries.detach().cpu().numpy().astype(np.int64)
+        for r, users in enumerate(rows):
+            start = 0
+            for j, i in enumerate(users):
+                n = spans_np[i]
+                index[r, start : start + n] = i * width + np.arange(n)
+                segments[r, start : start + n] = j + 1
+                query[r, j] = start + q_np[i]
+                order[i] = r * n_q + j
+                start += n
+        dev = spans.device
+        return QueryPacking(*(torch.from_numpy(a).to(dev) for a in (index, segments, query, order)))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, W, ...) padded per-slot values -> (R, C, ...); empty slots get zeros."""
+        flat = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+        out = flat[self.index.clamp(min=0)]
+        empty = (self.index < 0).view(*self.index.shape, *([1] * (x.dim() - 2)))
+        return torch.where(empty, torch.zeros((), dtype=x.dtype, device=x.device), out)
+
+    def unpack(self, h: torch.Tensor) -> torch.Tensor:
+        """(R, Q, D) query outputs -> (B, D) in batch order."""
+        return h.reshape(-1, h.shape[-1])[self.order]
 
 
 class Encoder(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
-from seqrec.models.layers import Encoder, attention_mask, keep_recent
+from seqrec.models.layers import Encoder, QueryPacking, attention_mask, keep_recent
 
 
 @dataclass
@@ -74,6 +74,10 @@ class SASRec(nn.Module):
         positions = torch.arange(width, device=history.device).expand_as(history)
         segments = (positions < lengths[:, None]).long()  # 1 = real, 0 = padding
         last = (lengths - 1).clamp(min=0)
+        packing = QueryPacking.plan(lengths, width, last)  # short histories: pack, don't pad
+        if packing is not None:
+            return packing.unpack(self.encode(packing.pack(history), packing.pack(positions), packing.segments,
+                                              query=packing.query))  # (B, D)
         return self.encode(history, positions, segments, query=last)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -199,6 +199,7 @@ class Recommender(_CatalogFollower):
 
         self._init_follower(settings, store)
         torch.set_num_threads(max(1, self.settings.torch_threads))
+        self._batches = (0, 0)  # (batches ranked, requests in them) since start
         self._rank_batch.set_max_batch_size(self.settings.max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -215,7 +216,9 @@ class Recommender(_CatalogFollower):
                 add_items_to_model(loaded, new_texts)
 
     def info(self) -> dict[str, Any]:
-        return self._info(max_batch_size=self.settings.max_batch_size)
+        batches, ranked = self._batches
+        return self._info(max_batch_size=self.settings.max_batch_size,
+                          batches={"count": batches, "requests": ranked, "mean_size": ranked / max(1, batches)})
 
     async def recommend(self, payload: dict[str, Any]) -> dict[str, Any]:
         """payload: history (item_idx/item_id list), k, critique (str|None), exclude_history. Validated for
@@ -238,6 +241,7 @@ class Recommender(_CatalogFollower):
     async def _rank_batch(self, requests: list[Prepared]) -> list[dict[str, Any]]:
         state = self._state
         loaded, catalog = state
+        self._batches = (self._batches[0] + 1, self._batches[1] + len(requests))  # /version: batches, mean size
         try:
             if self.settings.rank_in_thread:
                 results = await asyncio.to_thread(self._rank_locked, loaded, catalog, requests)
