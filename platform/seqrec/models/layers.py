@@ -108,9 +108,9 @@ def run_blocks(blocks: nn.ModuleList, ln_f: nn.LayerNorm, x: torch.Tensor, mask:
 class QueryPacking:
     """Inference batches packed like training rows: each user's slots (history + query slot) laid end to end
     in rows of `capacity` slots with block-diagonal attention, instead of every user padded to the batch's
-    longest. Scientific's histories average ~6 items, so a serving batch of 8 padded to width 10-14 is over
-    half padding, and the full-width layers pay for it. Exact: a slot sees only its own user's slots either
-    way (the same segment-id masks as training), and positions are the user's own.
+    longest. Scientific's histories average ~6 items, so an evaluation chunk padded to its longest (up to 51)
+    is mostly padding, and the full-width layers pay for it. Exact: a slot sees only its own user's slots
+    either way (the same segment-id masks as training), and positions are the user's own.
 
         index (R, C) long: flat index into the padded (B * W) slots, -1 = an empty slot of the packed row
         segments (R, C): 1..n per user in the row, 0 = empty
