@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
-from seqrec.models.layers import Encoder, QueryPacking, attention_mask, keep_recent
+from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent
 
 
 @dataclass
@@ -129,12 +129,7 @@ class Bert4Rec(nn.Module):
         segments = (positions <= lengths[:, None]).long()
         if self.config.positions_from_end:  # the mask token (at index `lengths`) gets 0, its predecessor 1, ...
             positions = (lengths[:, None] - positions).clamp(min=0)
-        packing = QueryPacking.plan(lengths + 1, width + 1, lengths)  # short histories: pack, don't pad
-        if packing is not None:
-            h = self.encoder(packing.pack(tokens), packing.pack(positions), attention_mask(packing.segments, causal=False),
-                             query=packing.query)  # (R, Q, D)
-            return packing.unpack(h)  # (B, D)
-        return self.encoder(tokens, positions, attention_mask(segments, causal=False), query=lengths)  # (B, D)
+        return encode_queries(self.encoder, (tokens, positions), segments, lengths, causal=False)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from seqrec.models.bert4rec import cloze_mask
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
-from seqrec.models.layers import Encoder, QueryPacking, attention_mask, keep_recent, run_blocks
+from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent, run_blocks
 from seqrec.models.perceiver import TYPE_CRITIQUE, TYPE_TEXT, PerceiverResampler
 
 log = logging.getLogger(__name__)
@@ -543,12 +543,7 @@ class Flare(nn.Module):
             else:
                 hint = self.text_mask.expand(b, -1)
             text[rows, lengths] = hint
-        packing = QueryPacking.plan(lengths + 1, width + 1, lengths)  # short histories: pack, don't pad
-        if packing is not None:
-            h = self._encode(packing.pack(ids), None if text is None else packing.pack(text), packing.pack(positions),
-                             attention_mask(packing.segments, causal=False), query=packing.query)  # (R, Q, D)
-            return packing.unpack(h)  # (B, D)
-        return self._encode(ids, text, positions, attention_mask(segments, causal=False), query=lengths)  # (B, D)
+        return encode_queries(self._encode, (ids, text, positions), segments, lengths, causal=False)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, n_items) scores. Optional batch keys: critique_tokens (B, Tc, D) float, critique_mask (B, Tc) bool

@@ -176,6 +176,23 @@ class QueryPacking:
         return h.reshape(-1, h.shape[-1])[self.order]
 
 
+def encode_queries(encode, inputs: tuple[torch.Tensor | None, ...], segments: torch.Tensor, queries: torch.Tensor,
+                   causal: bool) -> torch.Tensor:
+    """Inference outputs at one query position per user, (B, D): `encode(*inputs, mask, query)` run on packed
+    rows when `QueryPacking` saves enough slots, else on the padded batch as given. The one copy of this choice
+    for every model's `user_vectors`.
+
+    inputs: left-aligned per-slot tensors (B, W, ...) (None passes through as None); segments (B, W): 1 = the
+    user's slots (history + query slot), 0 = padding; queries (B,): each user's query position.
+    """
+    spans = (segments > 0).sum(1)  # (B,) used slots per user
+    packing = QueryPacking.plan(spans, segments.shape[1], queries)
+    if packing is None:
+        return encode(*inputs, attention_mask(segments, causal), queries)  # (B, D)
+    packed = tuple(None if x is None else packing.pack(x) for x in inputs)  # (R, C, ...)
+    return packing.unpack(encode(*packed, attention_mask(packing.segments, causal), packing.query))  # (B, D)
+
+
 class Encoder(nn.Module):
     """Item + learned position embeddings -> blocks -> final LayerNorm. Token 0 is padding."""
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
-from seqrec.models.layers import Encoder, QueryPacking, attention_mask, keep_recent
+from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent
 
 
 @dataclass
@@ -51,11 +51,10 @@ class SASRec(nn.Module):
     def item_table(self) -> torch.Tensor:
         return self.encoder.item_emb.weight[1:]  # (V, D), tied input/output embeddings
 
-    def encode(self, items: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor,
-               query: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D), or (B, D) at the `query` positions only."""
+    def encode(self, items: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) causal outputs at every position."""
         tokens = (items + 1).clamp(min=0)  # PAD -1 -> token 0
-        return self.encoder(tokens, positions, attention_mask(segments, causal=True), query)
+        return self.encoder(tokens, positions, attention_mask(segments, causal=True))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.encode(batch["items"], batch["positions"], batch["segments"])  # (B, L, D)
@@ -73,12 +72,9 @@ class SASRec(nn.Module):
         width = history.shape[1]
         positions = torch.arange(width, device=history.device).expand_as(history)
         segments = (positions < lengths[:, None]).long()  # 1 = real, 0 = padding
+        tokens = (history + 1).clamp(min=0)  # PAD -1 -> token 0
         last = (lengths - 1).clamp(min=0)
-        packing = QueryPacking.plan(lengths, width, last)  # short histories: pack, don't pad
-        if packing is not None:
-            return packing.unpack(self.encode(packing.pack(history), packing.pack(positions), packing.segments,
-                                              query=packing.query))  # (B, D)
-        return self.encode(history, positions, segments, query=last)  # (B, D)
+        return encode_queries(self.encoder, (tokens, positions), segments, last, causal=True)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)
