@@ -19,6 +19,8 @@ Where this departs from / fills in the paper (and why):
     t_i / |t_i| * median_j |e_j| over trained IDs (the contrastive loss aligns e_i's direction with t_i's; the
     median norm puts them on the trained rows' scale) with the median trained output bias. e_unk is trained
     by replacing visible trained IDs with it at rate `id_dropout`, so the model learns to read t_i alone.
+  * Scale: t_i starts on the ID embeddings' scale (perceiver.py: the output layer's init), so that c = e + t is
+    not mostly text at the start; `text_fixed_norm` pins every t_i to one learned norm instead.
   * Item token features are catalog data, not weights: they are not in the checkpoint. The config keeps the
     encoder name and token limit; `load_flare_features(model, dataset)` attaches them (training loop,
     evaluator CLI, serving).
@@ -65,6 +67,7 @@ class FlareConfig:
     perceiver_layers: int = 2
     perceiver_heads: int = 8
     perceiver_dim: int = 256
+    text_fixed_norm: bool = False  # True: every t_i (and critique hint) has one learned norm (perceiver.py)
     contrastive: bool = True
     alpha: float = 0.5
     tau: float = 0.3
@@ -286,7 +289,8 @@ class Flare(nn.Module):
                 config.text_dim = _encoder_dim(config.encoder)
             self.perceiver = PerceiverResampler(
                 config.text_dim, config.perceiver_dim, config.dim, config.perceiver_latents, config.perceiver_layers,
-                config.perceiver_heads, config.dropout, config.attn_dropout, init_std=config.init_std)
+                config.perceiver_heads, config.dropout, config.attn_dropout, init_std=config.init_std,
+                fixed_norm=config.text_fixed_norm)
             self.text_mask = nn.Parameter(torch.randn(config.dim) * config.init_std)  # t at masked positions
         # catalog features (not saved: attach_item_features)
         self.register_buffer("item_tokens", None, persistent=False)  # (N, T, Dt) float16
