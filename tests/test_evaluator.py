@@ -5,7 +5,7 @@ import torch
 
 from seqrec.data.batching import PAD, last_items, make_batch, pad_histories
 from seqrec.data.dataset import EvalRows
-from seqrec.eval.baselines import LastItemRepeater, MostPop
+from seqrec.eval.baselines import ItemTransition, LastItemRepeater, MostPop
 from seqrec.eval.evaluator import EvalSettings, chunk_size_for, evaluate, mask_history_scores
 
 
@@ -85,3 +85,22 @@ def test_mostpop_and_lir_by_hand():
     # row 0: last item 4, target 2 tied with 3 others at 0 -> opt 2, pes 5; row 1: last item 2 = target -> 1
     assert lir.opt_ranks.tolist() == [2, 1, 1]
     assert lir.pes_ranks.tolist() == [5, 1, 1]
+
+
+def test_item_transition_by_hand():
+    # training sequences: 0->1 twice, 0->2, 1->2, 3->0, 2->0; popularity 0:4, 1:2, 2:2, 3:1, 4:0 (never seen)
+    seqs = [np.array([0, 1, 2]), np.array([0, 1]), np.array([3, 0, 2, 0])]
+    counts = np.bincount(np.concatenate(seqs), minlength=5).astype(float)
+    model = ItemTransition(5, seqs, counts)
+    batch = {"history": torch.tensor([[3, 0], [1, -1], [4, -1], [-1, -1]]), "lengths": torch.tensor([2, 1, 1, 0])}
+    scores = model.score_all(batch)
+    backoff = np.array([0.8, 0.4, 0.4, 0.2, 0.0])  # counts / (max + 1): below one transition
+    expected = np.tile(backoff, (4, 1))
+    expected[0, 1] += 2; expected[0, 2] += 1  # after 0: 1 twice, 2 once
+    expected[1, 2] += 1  # after 1: 2
+    assert np.allclose(scores.numpy(), expected)  # rows 2 (no successors) and 3 (no history): popularity only
+    rows = EvalRows(np.arange(3), [np.array([3, 0]), np.array([1]), np.array([4])], np.array([2, 0, 1]))
+    res = evaluate(model, rows, 5)
+    # row 0: 1 (2.8) > 2 (1.8) -> 2; row 1: 2 (1.4) > 0 (0.8) -> 2; row 2: popularity, 0 (0.8) first, then 1 and 2
+    # tied at 0.4 -> opt 2, pes 3
+    assert res.opt_ranks.tolist() == [2, 2, 2] and res.pes_ranks.tolist() == [2, 2, 3]

@@ -114,6 +114,14 @@ def test_perceiver_output_starts_on_the_id_embedding_scale():
         p.out_norm.fill_(1.5)
     assert torch.allclose(p(torch.randn(3, 5, 384), torch.ones(3, 5, dtype=torch.bool),
                             torch.zeros(3, 5, dtype=torch.long)).norm(dim=-1), torch.full((3,), 1.5), rtol=1e-4)
+    # norm_value: a constant norm, a buffer (saved with the weights) and not a trained parameter
+    p = PerceiverResampler(in_dim=384, dim=dim, out_dim=dim, n_latents=2, layers=1, heads=8, dropout=0.0,
+                           attn_dropout=0.0, init_std=init_std, norm_value=0.4).eval()
+    t = p(torch.randn(4, 7, 384), torch.ones(4, 7, dtype=torch.bool), torch.full((4, 7), TYPE_TEXT))
+    assert torch.allclose(t.norm(dim=-1), torch.full((4,), 0.4), rtol=1e-4)
+    assert "out_norm" in p.state_dict() and "out_norm" not in dict(p.named_parameters())
+    with pytest.raises(ValueError):
+        PerceiverResampler(384, dim, dim, 2, 1, 8, 0.0, 0.0, norm_value=0.0)
 
 
 # ----------------------------------------------------------------------------------------- contrastive
@@ -151,6 +159,24 @@ def test_loss_terms_alpha_mix_and_backward(demo_dataset, demo_features):
     off = _model(demo_dataset, demo_features, contrastive=False)
     t2 = off.loss_terms(batch, torch.Generator().manual_seed(1))
     assert "contrastive" not in t2 and t2["loss"].item() == t2["mlm"].item()
+
+
+def test_contrastive_id_grad_off_trains_only_the_text_path(demo_dataset, demo_features):
+    """contrastive_id_grad=False: the contrastive term sends no gradient into the ID table, the same value, and
+    still trains the Perceiver; the default sends gradient into both."""
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, 21, False, np.random.default_rng(0))
+    batch = packed.batch(np.arange(4))
+    grads = {}
+    for flag in (True, False):
+        model = _model(demo_dataset, demo_features, contrastive_id_grad=flag).train()
+        terms = model.loss_terms(batch, torch.Generator().manual_seed(1))
+        terms["contrastive"].backward()
+        grads[flag] = (terms["contrastive"].item(), model.encoder.item_emb.weight.grad,
+                       model.perceiver.in_proj.weight.grad)
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
+    assert grads[True][1] is not None and grads[True][1].abs().sum() > 0
+    assert grads[False][1] is None or grads[False][1].abs().sum() == 0
+    assert grads[False][2].abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------- masking rules

@@ -119,7 +119,7 @@ def register(subparsers) -> None:
         "evaluate", help="full-ranking NDCG/Recall/MRR (optimistic and pessimistic ties) of models on a split"
     )
     p.add_argument("--dataset", default=None, help="a prepared dataset directory (default: the one a CALRec checkpoint records)")
-    p.add_argument("--model", action="append", help="baseline name (mostpop, lir, lir_bm25) or checkpoint dir; repeatable")
+    p.add_argument("--model", action="append", help="baseline name (mostpop, lir, lir_bm25, lir_text, markov) or checkpoint dir; repeatable")
     p.add_argument("--checkpoint", action="append", help="a trained model's checkpoint directory; repeatable")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--max-users", type=int, default=None, help="evaluate a seeded random subset of users")

@@ -14,13 +14,17 @@ Where this departs from / fills in the paper (and why):
   * Contrastive (eq. 2): cosine similarities over the batch's unique items, s_ii - margin on the positive,
     divided by tau, cross-entropy in both directions (e->t and t->e) averaged. Total loss
     alpha * MLM + (1 - alpha) * contrastive; with contrastive off the loss is the MLM alone.
+    `contrastive_id_grad: false` (our option, not the paper's) detaches e in that loss, so only t learns to point
+    at e; the paper's two-way alignment pulls e_i onto t_i's direction (median cosine 0.95 after training on
+    Scientific). Measured there, one-way is worse (README, Flare T+ID): the alignment of e is what helps.
   * Cold start: items with text but no trained ID (never in the training sequences, or added later with
     add_items) use the learned "unknown ID" embedding e_unk + t_i at the input. Their OUTPUT row is
     t_i / |t_i| * median_j |e_j| over trained IDs (the contrastive loss aligns e_i's direction with t_i's; the
     median norm puts them on the trained rows' scale) with the median trained output bias. e_unk is trained
     by replacing visible trained IDs with it at rate `id_dropout`, so the model learns to read t_i alone.
   * Scale: t_i starts on the ID embeddings' scale (perceiver.py: the output layer's init), so that c = e + t is
-    not mostly text at the start; `text_fixed_norm` pins every t_i to one learned norm instead.
+    not mostly text at the start; `text_fixed_norm` pins every t_i to one learned norm instead, `text_norm` to a
+    constant one (the text's weight against the ID set by hand).
   * Item token features are catalog data, not weights: they are not in the checkpoint. The config keeps the
     encoder name and token limit; `load_flare_features(model, dataset)` attaches them (training loop,
     evaluator CLI, serving).
@@ -68,10 +72,14 @@ class FlareConfig:
     perceiver_heads: int = 8
     perceiver_dim: int = 256
     text_fixed_norm: bool = False  # True: every t_i (and critique hint) has one learned norm (perceiver.py)
+    text_norm: float | None = None  # a constant norm for every t_i instead (not learned; implies a fixed norm)
     contrastive: bool = True
     alpha: float = 0.5
     tau: float = 0.3
     margin: float = 0.2
+    # True (paper): the contrastive loss trains both e and t. False: e is detached in it, so only the text path
+    # learns to point at its item's ID embedding and e is shaped by the MLM alone (measured worse: README)
+    contrastive_id_grad: bool = True
     encoder: str = "minilm"  # frozen encoder name or local path (features come from the feature cache)
     max_text_tokens: int = 64
     text_dim: int | None = None  # encoder hidden size; None = read from the encoder's config at build time
@@ -290,7 +298,7 @@ class Flare(nn.Module):
             self.perceiver = PerceiverResampler(
                 config.text_dim, config.perceiver_dim, config.dim, config.perceiver_latents, config.perceiver_layers,
                 config.perceiver_heads, config.dropout, config.attn_dropout, init_std=config.init_std,
-                fixed_norm=config.text_fixed_norm)
+                fixed_norm=config.text_fixed_norm, norm_value=config.text_norm)
             self.text_mask = nn.Parameter(torch.randn(config.dim) * config.init_std)  # t at masked positions
         # catalog features (not saved: attach_item_features)
         self.register_buffer("item_tokens", None, persistent=False)  # (N, T, Dt) float16
@@ -447,7 +455,10 @@ class Flare(nn.Module):
         if self.perceiver is not None and cfg.contrastive:
             keep = self._has_id(uniq)
             if int(keep.sum()) >= 2:
-                con = info_nce_margin(self.encoder.item_emb(uniq[keep] + 1), t_u[keep], cfg.tau, cfg.margin)
+                e_u = self.encoder.item_emb(uniq[keep] + 1)  # (K, D)
+                if not cfg.contrastive_id_grad:
+                    e_u = e_u.detach()
+                con = info_nce_margin(e_u, t_u[keep], cfg.tau, cfg.margin)
                 terms["contrastive"] = con
                 loss = cfg.alpha * mlm + (1 - cfg.alpha) * con
         terms["loss"] = loss
