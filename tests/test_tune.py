@@ -229,3 +229,23 @@ def test_asha_stop_labels(demo_dataset, tmp_path):
     assert stop_reason([3, 6], 12, rungs={4, 8}, budget=60.0) == "scheduler"  # 6 is the first report past rung 4
     assert stop_reason([3, 6, 7], 12, rungs={4, 8}, budget=60.0) == "time_budget"
     assert stop_reason([4, 8, 12], 12, rungs={4, 8}, budget=60.0) == "completed"
+
+
+def test_best_row_prefers_a_tied_report_whose_checkpoint_remains(tmp_path):
+    """Ray may evict the earliest of several equal-scored checkpoints: the report must pick a tied one that is
+    still on disk (the earliest such), and the plain best when there is no tie."""
+    import pandas as pd
+
+    from seqrec.tune.report import _best_row
+
+    kept = []
+    for step in (850, 1200):
+        d = tmp_path / f"checkpoint_{step:08d}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+        kept.append(str(d))
+    df = pd.DataFrame({"step": [100, 750, 850, 1200, 1350], "m": [0.5, 0.9, 0.9, 0.9, 0.88],
+                       "checkpoint_path": [str(tmp_path / "gone_100"), str(tmp_path / "gone_750"), *kept, "x"]})
+    assert df.loc[_best_row(df, "m", "max"), "step"] == 850
+    assert df.loc[_best_row(df, "m", "min"), "step"] == 100  # no tie: the best, on disk or not
+    assert df.loc[_best_row(df.drop(columns="checkpoint_path"), "m", "max"), "step"] == 750

@@ -50,8 +50,7 @@ def trial_rows(results, sweep: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, 
         # one row per step: a resumed trial may repeat its final report (see runner.run_trial)
         df = df.dropna(subset=[mk]).drop_duplicates(subset=["step"], keep="first").sort_values("step")
         histories[trial_id] = df
-        best_i = df[mk].idxmax() if mode == "max" else df[mk].idxmin()
-        best, last = df.loc[best_i], df.iloc[-1]
+        best, last = df.loc[_best_row(df, mk, mode)], df.iloc[-1]
         final_step = int(last["step"])
         stop = stop_reason(df["step"].astype(int).tolist(), steps, rungs=rungs, budget=budget, patience=patience,
                            best_step=int(best["step"]), error=bool(result.error))
@@ -70,6 +69,21 @@ def trial_rows(results, sweep: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, 
     if not table.empty and f"best_{mk}" in table:
         table = table.sort_values(f"best_{mk}", ascending=(mode == "min"), na_position="last", kind="stable")
     return table.reset_index(drop=True), histories
+
+
+def _best_row(df: pd.DataFrame, mk: str, mode: str):
+    """Index of a trial's best report: the best value of `mk`; among tied reports the earliest whose checkpoint is
+    still on disk. Ray keeps the top checkpoints by score but breaks ties its own way (it may evict the earliest
+    of several equal scores, common on small validation sets), so the first tied report's checkpoint can be gone
+    while an equal one remains."""
+    target = df[mk].max() if mode == "max" else df[mk].min()
+    tied = df.index[df[mk] == target]
+    if "checkpoint_path" in df.columns:
+        for i in tied:
+            path = df.at[i, "checkpoint_path"]
+            if isinstance(path, str) and (Path(path) / "model.safetensors").is_file():
+                return i
+    return tied[0]
 
 
 def stop_reason(report_steps: list[int], total_steps: int, *, rungs: set[int], budget: float | None,
