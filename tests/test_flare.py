@@ -164,7 +164,7 @@ def test_loss_terms_alpha_mix_and_backward(demo_dataset, demo_features):
 def test_contrastive_id_grad_off_trains_only_the_text_path(demo_dataset, demo_features):
     """contrastive_id_grad=False: the contrastive term sends no gradient into the ID table, the same value, and
     still trains the Perceiver; the default sends gradient into both."""
-    packed = pack_sequences(demo_dataset.train_sequences(), 64, 21, False, np.random.default_rng(0))
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
     batch = packed.batch(np.arange(4))
     grads = {}
     for flag in (True, False):

@@ -106,7 +106,6 @@ class ItemTransition:
         prev = np.concatenate([np.asarray(s[:-1], dtype=np.int64) for s in sequences] or [np.zeros(0, np.int64)])
         nxt = np.concatenate([np.asarray(s[1:], dtype=np.int64) for s in sequences] or [np.zeros(0, np.int64)])
         pairs, counts = np.unique(prev * n_items + nxt, return_counts=True)  # sorted by prev, then next
-        self.n_items = n_items
         self.next_items = torch.as_tensor(pairs % n_items)  # CSR by previous item: its successors and counts
         self.counts = torch.as_tensor(counts, dtype=torch.float64)
         self.offsets = torch.as_tensor(np.searchsorted(pairs // n_items, np.arange(n_items + 1)))

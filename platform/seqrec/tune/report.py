@@ -80,10 +80,16 @@ def _best_row(df: pd.DataFrame, mk: str, mode: str):
     tied = df.index[df[mk] == target]
     if "checkpoint_path" in df.columns:
         for i in tied:
-            path = df.at[i, "checkpoint_path"]
-            if isinstance(path, str) and (Path(path) / "model.safetensors").is_file():
+            if _has_weights(df.at[i, "checkpoint_path"]):
                 return i
     return tied[0]
+
+
+def _has_weights(checkpoint: Any) -> bool:
+    """A checkpoint directory path whose weights file is (still) on disk."""
+    from seqrec.models.registry import WEIGHTS_FILE
+
+    return isinstance(checkpoint, str) and bool(checkpoint) and (Path(checkpoint) / WEIGHTS_FILE).is_file()
 
 
 def stop_reason(report_steps: list[int], total_steps: int, *, rungs: set[int], budget: float | None,
@@ -228,7 +234,7 @@ def best_record(table: pd.DataFrame, sweep: dict[str, Any], sweep_dir: Path) -> 
         raise RuntimeError(f"sweep {grid['name']}: no trial reported {mk}; see the trial errors in {sweep_dir}")
     win = table.loc[table[col].notna()].iloc[0]  # the table is sorted best first
     ckpt = win["best_checkpoint"]
-    if not ckpt or not (Path(ckpt) / "model.safetensors").is_file():
+    if not _has_weights(ckpt):
         raise RuntimeError(f"the best checkpoint {ckpt!r} of trial {win['trial_id']} is gone")
     params = {k: _py(win[f"param:{k}"]) for k in sweep["space"]}
     from seqrec.tune.config import experiment_dict
