@@ -72,7 +72,6 @@ BASE_CONFIG = {"bert4rec": "bert4rec_scientific_tuned", "flare": "flare_tid_scie
 def make_bundle(args) -> None:
     """Prepared Scientific (no feature cache: it is re-encoded there) + float16 MiniLM."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from seqrec.data.unisrec import prepare_unisrec
     from seqrec.features.encoder import resolve_encoder_path
@@ -81,14 +80,7 @@ def make_bundle(args) -> None:
     if out.exists():
         shutil.rmtree(out)
     prepare_unisrec(Path(args.raw), out / "Scientific")
-    src = Path(resolve_encoder_path("minilm"))
-    enc = out / "minilm_fp16"
-    enc.mkdir(parents=True)
-    for name in ENCODER_FILES:
-        shutil.copy(src / name, enc / name)
-    weights = load_file(str(src / "model.safetensors"))
-    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-              str(enc / "model.safetensors"))
+    copy_encoder(Path(resolve_encoder_path("minilm")), out / "minilm_fp16", torch.float16)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"bundle {out}: {size / 2**20:.1f} MiB")
 
@@ -96,16 +88,20 @@ def make_bundle(args) -> None:
 def float32_encoder(bundle: Path, where: Path) -> Path:
     """The bundle's float16 MiniLM cast back to float32 (the encoder runs in float32 as on the CPU)."""
     import torch
+
+    return copy_encoder(bundle / "minilm_fp16", where, torch.float32)
+
+
+def copy_encoder(src: Path, dst: Path, dtype) -> Path:
+    """The encoder directory `src` (tokenizer, config, weights) copied to `dst` with floating weights cast to `dtype`."""
     from safetensors.torch import load_file, save_file
 
-    src = bundle / "minilm_fp16"
-    where.mkdir(parents=True, exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
     for name in ENCODER_FILES:
-        shutil.copy(src / name, where / name)
+        shutil.copy(src / name, dst / name)
     weights = load_file(str(src / "model.safetensors"))
-    save_file({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()},
-              str(where / "model.safetensors"))
-    return where
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}, str(dst / "model.safetensors"))
+    return dst
 
 
 # ------------------------------------------------------------------------------------------------- trials
