@@ -197,10 +197,10 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     record = {"key": spec["key"], "model": spec["model"], "seed": tc.seed, "overrides": spec["overrides"],
               "curve": curve, "best_step": best_step, "stopped": stopped, "steps_run": step,
               "s_per_step": round(train_s / max(step, 1), 4), "wall_s": 0.0}
-    for split in ("valid", "test"):
-        rows = dataset.eval_rows(split)
+    test_rows = dataset.eval_rows("test")
+    for split, rows in (("valid", valid_rows), ("test", test_rows)):
         record[split] = evaluate(model, rows, dataset.n_items, EvalSettings(), device).metrics
-    cold = select_users(dataset, dataset.eval_rows("test"), "cold-target")
+    cold = select_users(dataset, test_rows, "cold-target")
     record["test_cold"] = evaluate(model, cold, dataset.n_items, EvalSettings(), device).metrics
     record["test_cold"]["users"] = len(cold)
     if spec.get("save_dir"):
