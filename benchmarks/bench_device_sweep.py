@@ -145,7 +145,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     from seqrec.models.registry import bind_dataset, build_model
     from seqrec.train.checkpoint import save_model_files
     from seqrec.train.config import ExperimentConfig
-    from seqrec.train.loop import BatchStream, experiment_meta, optimizer_step, setup_training
+    from seqrec.train.loop import BatchStream, averaged, experiment_meta, optimizer_step, setup_training, start_ema
 
     torch.set_num_threads(spec.get("threads", 1))  # many trials share the device machine's cores
     t_start = time.perf_counter()
@@ -164,6 +164,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(tc.seed + 1000)
     model.to(device)
     state = {"step": 0}
+    ema = start_ema(model, tc.ema_decay, None)
     optimizer, scheduler, engine, train_module = setup_training(model, tc, cfg.scaling, 1, device, None, state)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     valid_rows = dataset.eval_rows("valid")
@@ -176,15 +177,19 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
         optimizer_step(batch, model, train_module, optimizer, scheduler, engine, tc.grad_clip, autocast)
+        if ema is not None:
+            ema.update(model)
         train_s += time.perf_counter() - t0
         if step % tc.eval_every and step != tc.steps:
             continue
-        score = float(evaluate(model, valid_rows, dataset.n_items, EvalSettings(), device).metrics[tc.eval_metric])
-        model.train()
+        with averaged(ema, model):  # with train.ema_decay: the weight average is validated and kept
+            score = float(evaluate(model, valid_rows, dataset.n_items, EvalSettings(), device).metrics[tc.eval_metric])
+            model.train()
+            if score > best:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         curve.append([step, round(score, 5)])
         if score > best:
             best, best_step, since = score, step, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since += 1
         if tc.patience and since >= tc.patience:

@@ -65,9 +65,10 @@ def test_selection_uses_mean_validation_of_rerun_settings_only(sweep_mod):
 
 
 @pytest.mark.slow
-def test_one_trial_trains_validates_and_saves_the_best_weights(sweep_mod, scientific_dataset, tmp_path):
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+def test_one_trial_trains_validates_and_saves_the_best_weights(sweep_mod, scientific_dataset, tmp_path, ema_decay):
     """A 2-step Bert4Rec trial on the real Scientific data, as the device runs it (here on the CPU): the record's
-    test metrics are those of the saved best-validation checkpoint."""
+    test metrics are those of the saved best-validation checkpoint (with an EMA: of the validated average)."""
     from seqrec.eval.evaluator import EvalSettings, evaluate
     from seqrec.models.registry import load_model
 
@@ -75,7 +76,7 @@ def test_one_trial_trains_validates_and_saves_the_best_weights(sweep_mod, scient
             "encoder": "minilm", "device": "cpu", "deadline": time.time() + 600, "save_dir": str(tmp_path),
             "threads": torch.get_num_threads(),
             "overrides": {"model.params.dim": 32, "model.params.hidden": 64, "model.params.heads": 2},
-            "extra": {"train.steps": 2, "train.eval_every": 1, "train.warmup_steps": 1}}
+            "extra": {"train.steps": 2, "train.eval_every": 1, "train.warmup_steps": 1, "train.ema_decay": ema_decay}}
     rec = sweep_mod.run_trial(spec)
     assert [s for s, _ in rec["curve"]] == [1, 2] and rec["stopped"] == "steps" and rec["steps_run"] == 2
     assert rec["best_step"] in (1, 2)

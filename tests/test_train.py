@@ -138,3 +138,53 @@ def _reported_metrics(run_dir: Path, step: int) -> dict:
         if metrics["step"] == step:
             return metrics
     raise AssertionError(f"no checkpoint at step {step}")
+
+
+def test_weight_ema_update_by_hand_and_applied_restores_live():
+    from seqrec.train.ema import WeightEMA
+
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    ema = WeightEMA(lin, decay=0.9)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 0.0]]))
+    ema.update(lin)  # t=1: d = min(0.9, 2/11) = 2/11 -> shadow = 2/11 * [1, 2] + 9/11 * [3, 0]
+    expected = torch.tensor([[2 / 11 + 27 / 11, 4 / 11]])
+    assert torch.allclose(ema.shadow["weight"], expected)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 0.0]]))
+    for _ in range(200):  # past the warm-up the decay is the configured one
+        ema.update(lin)
+    assert ema.current_decay() == 0.9
+    with ema.applied(lin):
+        assert torch.equal(lin.weight, ema.shadow["weight"])
+    assert torch.equal(lin.weight, torch.zeros(1, 2)), "the live weights come back after the block"
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightEMA(lin, decay=1.0)
+
+
+def test_ema_checkpoints_hold_the_average_and_resume_exactly(ray_session, demo_dataset, tmp_path):
+    common = {"train.steps": 8, "train.eval_every": 3, "train.keep_checkpoints": 5, "train.ema_decay": 0.8}
+    clean = run_experiment(_cfg(demo_dataset, tmp_path, **common, **{"run.name": "ema_clean"}))
+    latest = Path(clean["latest_checkpoint"])
+    state = torch.load(latest / "train_state.pt", weights_only=True)
+    saved = _weights(latest)
+    assert state["ema_updates"] == 8
+    # model.safetensors is the average, the train state keeps the live weights to continue from
+    assert any(not torch.equal(saved[k], v) for k, v in state["live_weights"].items())
+    # what was validated is what was saved: the worker's reported metric from the averaged weights
+    model, _ = load_model(clean["best_checkpoint"])
+    reported = json.loads((Path(clean["best_checkpoint"]).parent / "summary.json").read_text())["valid"]
+    assert evaluate(model, demo_dataset.eval_rows("valid"), demo_dataset.n_items, EvalSettings()).metrics == \
+        pytest.approx(reported, abs=1e-12)
+    # killed at step 5 and restarted from step 3's checkpoint: the same average and live weights at the end
+    faulty = run_experiment(_cfg(demo_dataset, tmp_path, **common, **{
+        "run.name": "ema_faulty", "train.fail_at_step": 5, "scaling.max_failures": 1}))
+    assert (tmp_path / "runs" / "ema_faulty" / ".fault_injected").exists()
+    again = _weights(faulty["latest_checkpoint"])
+    state2 = torch.load(Path(faulty["latest_checkpoint"]) / "train_state.pt", weights_only=True)
+    for k in saved:
+        assert torch.equal(saved[k], again[k]), k
+    for k, v in state["live_weights"].items():
+        assert torch.equal(v, state2["live_weights"][k]), k

@@ -38,6 +38,9 @@ class TrainConfig:
     patience: int = 0  # evaluations without improvement of eval_metric before stopping; 0 = never stop early
     eval_metric: str = "ndcg@10/pes"
     valid_max_rows: int | None = None  # validate on a fixed subset to save time (None = all rows)
+    # EMA of the weights (train/ema.py), e.g. 0.995: validation, checkpoints (model.safetensors) and serving use the
+    # average, training continues from the live weights; None = off
+    ema_decay: float | None = None
     keep_checkpoints: int = 2  # best by validation; Ray also keeps the latest for resuming
     threads_per_worker: int | None = None  # torch intra-op threads; default = CPUs per worker
     fail_at_step: int | None = None  # fault-injection for tests: rank 0 SIGKILLs itself once at this step

@@ -191,6 +191,30 @@ def setup_training(model: torch.nn.Module, tc, sc, world: int, device: torch.dev
     return optimizer, scheduler, engine, train_module
 
 
+def start_ema(model: torch.nn.Module, decay: float | None, resume_dir: str | None):
+    """The run's WeightEMA (None when train.ema_decay is unset). On resume the model holds the checkpoint's
+    model.safetensors = the average: that becomes the shadow, and the live weights come from the train state."""
+    if decay is None:
+        return None
+    from seqrec.train.ema import WeightEMA
+
+    if resume_dir is None:
+        return WeightEMA(model, decay)
+    ts = load_state(Path(resume_dir) / TRAIN_STATE)
+    if "live_weights" not in ts:  # a checkpoint of a run without EMA: its weights are live, start averaging them
+        return WeightEMA(model, decay)
+    ema = WeightEMA(model, decay, updates=int(ts.get("ema_updates", 0)))
+    ema.load_live(model, ts["live_weights"])
+    return ema
+
+
+def averaged(ema, model: torch.nn.Module):
+    """A context with the EMA weights in the model, or a no-op without an EMA."""
+    from contextlib import nullcontext
+
+    return nullcontext(model) if ema is None else ema.applied(model)
+
+
 def optimizer_step(batch: dict[str, torch.Tensor], model: torch.nn.Module, train_module, optimizer, scheduler, engine,
                    grad_clip: float, autocast=None) -> torch.Tensor:
     """One training step on a batch (the DeepSpeed engine's, or forward/backward/clip/step); returns the loss."""
@@ -215,14 +239,15 @@ def optimizer_step(batch: dict[str, torch.Tensor], model: torch.nn.Module, train
 
 def checkpoint_and_report(report: dict[str, Any], score: float, state: dict[str, Any], *, model, engine, optimizer,
                           scheduler, meta: dict[str, Any], rank: int, rank_state: dict[str, Any] | None = None,
-                          prefix: str = "seqrec_ckpt_") -> dict[str, Any]:
+                          prefix: str = "seqrec_ckpt_", ema=None) -> dict[str, Any]:
     """Record a validation score in `state` (best score / step, evaluations since the best), then save a full
     checkpoint and hand it to Ray Train with the report. Every rank calls this (ZeRO-3 gathers collectively).
 
     The checkpoint: model.safetensors + config (rank 0, full unpartitioned weights), the train state with the
     optimizer (rank 0; DeepSpeed keeps its own under deepspeed/), and `rank_state` per rank (RNG, data stream)
     when given. It is written to a temporary directory that Ray copies into the run, so a crash while writing
-    leaves no half checkpoint behind. Returns the full report sent."""
+    leaves no half checkpoint behind. With `ema` (train/ema.py) model.safetensors holds the averaged weights and
+    the train state the live ones. Returns the full report sent."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -237,10 +262,17 @@ def checkpoint_and_report(report: dict[str, Any], score: float, state: dict[str,
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         with full_parameters(engine, model):
             if rank == 0:
-                save_model_files(model, tmp, meta)
+                if ema is None:
+                    save_model_files(model, tmp, meta)
+                else:
+                    with ema.applied(model):
+                        save_model_files(model, tmp, meta)
         if rank == 0:
-            atomic_torch_save({"state": dict(state), "scheduler": scheduler.state_dict(),
-                               "optimizer": None if engine is not None else optimizer.state_dict()}, Path(tmp) / TRAIN_STATE)
+            train_state = {"state": dict(state), "scheduler": scheduler.state_dict(),
+                           "optimizer": None if engine is not None else optimizer.state_dict()}
+            if ema is not None:
+                train_state.update(live_weights=ema.live_weights(model), ema_updates=ema.updates)
+            atomic_torch_save(train_state, Path(tmp) / TRAIN_STATE)
         if rank_state is not None:
             atomic_torch_save(rank_state, Path(tmp) / rank_state_file(rank))
         if engine is not None:
@@ -294,7 +326,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resume_dir is not None:
         load_weights_into(model, resume_dir)
     model.to(device)
+    ema = start_ema(model, tc.ema_decay, resume_dir)
     optimizer, scheduler, engine, train_module = setup_training(model, tc, sc, world, device, resume_dir, state)
+    if ema is not None:
+        from seqrec.train.deepspeed_utils import zero_stage
+
+        if zero_stage(engine) == 3:  # each rank holds a slice of every parameter: nothing whole to average
+            raise ValueError("train.ema_decay is not supported with ZeRO-3; use zero1/zero2 or ddp")
     if resume_dir is not None:
         rs_path = Path(resume_dir) / rank_state_file(rank)
         if rs_path.exists():  # absent if the world size changed: keep fresh per-rank streams
@@ -335,8 +373,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = None
         with full_parameters(engine, model):  # ZeRO-3: all ranks gather, rank 0 evaluates
             if rank == 0:
-                metrics = evaluate(validation_model(), valid_rows, dataset.n_items, EvalSettings(), device).metrics
-                model.train()
+                with averaged(ema, model):
+                    metrics = evaluate(validation_model(), valid_rows, dataset.n_items, EvalSettings(), device).metrics
+                    model.train()  # drops eval-time caches (Flare's text table) built from the averaged weights
         metrics = broadcast(metrics, world)
         score = float(metrics[tc.eval_metric])
         rs = {"torch_rng": torch.get_rng_state(), "stream": stream.state()}
@@ -344,7 +383,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rs["cuda_rng"] = torch.cuda.get_rng_state()
         checkpoint_and_report({"loss": last_loss, "seq_per_s": seq_per_s, "lr": scheduler.get_last_lr()[0],
                                **{f"val/{k}": v for k, v in metrics.items()}}, score, state, model=model, engine=engine,
-                              optimizer=optimizer, scheduler=scheduler, meta=meta, rank=rank, rank_state=rs)
+                              optimizer=optimizer, scheduler=scheduler, meta=meta, rank=rank, rank_state=rs,
+                              ema=ema)
         if rank == 0:
             print(f"[valid] step {state['step']} {tc.eval_metric}={score:.4f} best={state['best_score']:.4f}"
                   f"@{state['best_step']} ndcg@10/opt={metrics.get('ndcg@10/opt', float('nan')):.4f}", flush=True)
@@ -368,6 +408,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 print(f"[train] fault injection: killing rank 0 (pid {os.getpid()}) at step {state['step']}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
         loss = optimizer_step(batch, model, train_module, optimizer, scheduler, engine, tc.grad_clip, autocast)
+        if ema is not None:
+            ema.update(model)
         state["step"] += 1
         window_loss += float(loss.detach())
         window_n += 1

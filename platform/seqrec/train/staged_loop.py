@@ -124,6 +124,8 @@ def load_staged_config(name_or_path: str, overrides: dict[str, Any] | None = Non
             raise ValueError(f"stages[{i}] has no datasets")
         if not 0 <= st.eval_dataset < len(st.datasets):
             raise ValueError(f"stages[{i}].eval_dataset {st.eval_dataset} out of range")
+        if st.train.ema_decay is not None:  # the staged loop keeps no weight average: refuse rather than ignore
+            raise ValueError(f"stages[{i}].train.ema_decay: weight averaging is implemented for the ID/Flare loop only")
     return cfg
 
 
