@@ -5,7 +5,8 @@
     python benchmarks/bench_flare.py cache [--encoder minilm] [--max-tokens 64]
     # per-step training time of a Flare config (single process, same model/packing/optimizer as Ray Train)
     python benchmarks/bench_flare.py steps --config flare_tid_scientific_cpu --steps 10
-    # test metrics of trained checkpoints on all users and on cold-start users (target never in training)
+    # test metrics of trained checkpoints on all users, on cold-start users (target never in training) and by how
+    # often the target occurs in training (1-4, 5-19, 20+)
     python benchmarks/bench_flare.py ablation --checkpoint "T+ID=runs/train/.../checkpoint_..." --checkpoint ...
 
 Results are printed and written to benchmarks/results/flare_<kind>_<timestamp>.json.
@@ -25,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 RESULTS = ROOT / "benchmarks" / "results"
+FREQUENCY_BUCKETS = ((1, 4), (5, 19), (20, None))  # training occurrences of the target (0 = the cold-target subset)
 DEFAULT_RAW = Path(os.environ.get("SEQREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "Scientific"
 
 
@@ -131,6 +133,10 @@ def bench_ablation(args) -> None:
 
     rows = dataset.eval_rows(args.split)
     subsets = {name: select_users(dataset, rows, name) for name in USER_SUBSETS}
+    # by how often the target occurs in the training sequences: where a text path helps (rare) and costs (popular)
+    counts = dataset.train_item_counts()[rows.targets]
+    for lo, hi in FREQUENCY_BUCKETS:
+        subsets[f"target-freq {lo}-{hi or ''}"] = rows.subset(np.flatnonzero((counts >= lo) & ((counts <= hi) if hi else True)))
     result, table = {"split": args.split, "users": {k: len(v) for k, v in subsets.items()}, "models": {}}, {}
     for spec in args.checkpoint:
         label, _, path = spec.partition("=")

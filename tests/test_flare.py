@@ -179,6 +179,33 @@ def test_contrastive_id_grad_off_trains_only_the_text_path(demo_dataset, demo_fe
     assert grads[False][2].abs().sum() > 0
 
 
+def test_output_residual_starts_tied_and_stays_out_of_the_contrastive_loss(demo_dataset, demo_features):
+    """output_residual: r starts at zero (same losses and scores as the tied model), the contrastive term sends it
+    no gradient, the MLM term does, and the output rows are e + r."""
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
+    batch = packed.batch(np.arange(4))
+    tied = _model(demo_dataset, demo_features).train()
+    res = _model(demo_dataset, demo_features, output_residual=True).train()
+    assert res.out_residual.shape == (demo_dataset.n_items, TINY["dim"]) and not res.out_residual.any()
+    t_tied = tied.loss_terms(batch, torch.Generator().manual_seed(1))
+    t_res = res.loss_terms(batch, torch.Generator().manual_seed(1))
+    assert t_res["loss"].item() == pytest.approx(t_tied["loss"].item(), rel=1e-6)
+    t_res["contrastive"].backward(retain_graph=True)
+    assert res.out_residual.grad is None or res.out_residual.grad.abs().sum() == 0
+    t_res["mlm"].backward()
+    assert res.out_residual.grad.abs().sum() > 0
+    with torch.no_grad():
+        res.out_residual.normal_()
+    e = res.encoder.item_emb.weight[1 : demo_dataset.n_items + 1]
+    assert torch.allclose(res.id_table(), e + res.out_residual)
+    rows = demo_dataset.eval_rows("test")
+    batch = make_batch(rows.histories[:3], rows.targets[:3], max_len=res.max_len)
+    res.eval()
+    user = res.user_vectors(batch)  # (3, D)
+    expected = user @ (e + res.out_residual).T + res.out_bias
+    assert torch.allclose(res.score_all(batch), expected, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------- masking rules
 def test_masked_positions_hide_id_and_text(demo_dataset, demo_features):
     """MLM loss must not depend on the text of items that only occur at masked positions (T is masked there),
