@@ -14,17 +14,16 @@ benchmarks/results/average_<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
-RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_RAW = Path(os.environ.get("SEQREC_SHARED_DATA", ROOT.parent / "shared" / "data")) / "Scientific"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_flare import DEFAULT_RAW, RESULTS, ROOT, load_scientific  # noqa: E402 (also puts platform/ on the path)
+
 SPLITS = ("valid", "test")
 
 
@@ -65,9 +64,6 @@ def main() -> None:
     from seqrec.eval.evaluator import EvalSettings, evaluate, format_table
     from seqrec.models.registry import bind_dataset, load_model
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_flare import load_scientific
-
     torch.set_num_threads(args.threads)
     dataset = load_scientific(Path(args.raw), Path(args.data_cache))
     rows = {split: dataset.eval_rows(split) for split in SPLITS}
@@ -78,7 +74,7 @@ def main() -> None:
         configs.append(meta["model"])
     if any(c != configs[0] for c in configs[1:]):
         raise ValueError("checkpoints have different model configs: average checkpoints of one run")
-    averaged, _ = load_model(args.checkpoints[0])
+    averaged = copy.deepcopy(models[0])
     averaged.load_state_dict(average_state([m.state_dict() for m in models]), strict=True)
 
     result = {"checkpoints": args.checkpoints, "model": configs[0], "metrics": {}}

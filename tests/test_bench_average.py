@@ -1,21 +1,14 @@
 """benchmarks/bench_average.py: the uniform weight average of checkpoints of one run."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def average_mod():
-    spec = importlib.util.spec_from_file_location("bench_average", ROOT / "benchmarks" / "bench_average.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_average")
 
 
 def test_float_tensors_are_averaged_and_others_kept(average_mod):

@@ -1,22 +1,16 @@
 """benchmarks/bench_device_sweep.py: the trial pairing, validation-only selection, and one real trial on Scientific."""
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sweep_mod():
-    spec = importlib.util.spec_from_file_location("bench_device_sweep", ROOT / "benchmarks" / "bench_device_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_device_sweep")
 
 
 def test_every_shared_setting_is_run_as_both_models(sweep_mod):
