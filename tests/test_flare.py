@@ -148,6 +148,56 @@ def test_info_nce_margin_matches_hand_computation():
     assert info_nce_margin(e, t, tau, m).item() > info_nce_margin(e, t, tau, 0.0).item()
 
 
+def test_info_nce_margin_per_item_tau_and_weight_match_hand_computation():
+    """Per-item temperature divides both of the item's rows; weights scale its two row losses, mean over U."""
+    e = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    t = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
+    taus, w, m = [0.3, 0.1, 0.3], [1.0, 0.5, 1.0], 0.2
+    en = [[x / math.hypot(*v) for x in v] for v in e.tolist()]
+    tn = [[x / math.hypot(*v) for x in v] for v in t.tolist()]
+
+    def row(q, k, i):
+        logits = [(q[i][0] * k[j][0] + q[i][1] * k[j][1] - (m if i == j else 0.0)) / taus[i] for j in range(3)]
+        return -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
+
+    expected = 0.5 * sum(w[i] * (row(en, tn, i) + row(tn, en, i)) for i in range(3)) / 3
+    got = info_nce_margin(e, t, torch.tensor(taus), m, torch.tensor(w)).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    # one tau for all and unit weights is the plain loss
+    same = info_nce_margin(e, t, torch.full((3,), 0.3), m, torch.ones(3)).item()
+    assert same == pytest.approx(info_nce_margin(e, t, 0.3, m).item(), rel=1e-6)
+
+
+def test_frequent_item_contrastive_uses_training_counts(demo_dataset, demo_features):
+    """tau_frequent / frequent_weight apply to items with >= frequent_min_count training occurrences only: with
+    the threshold above every count the loss is the plain one; a zero weight for frequent items equals the plain
+    loss with those rows left out of the mean's numerator."""
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
+    batch = packed.batch(np.arange(4))
+    counts = torch.as_tensor(demo_dataset.train_item_counts())
+    plain = _model(demo_dataset, demo_features)
+    assert torch.equal(plain.id_count, counts.float()) and torch.equal(plain.id_seen, counts > 0)
+    base = plain.loss_terms(batch, torch.Generator().manual_seed(1))["contrastive"].item()
+    never = _model(demo_dataset, demo_features, tau_frequent=0.1, frequent_weight=0.0,
+                   frequent_min_count=int(counts.max()) + 1)
+    assert never.loss_terms(batch, torch.Generator().manual_seed(1))["contrastive"].item() == pytest.approx(base, rel=1e-6)
+    threshold = int(counts[counts > 0].median())
+    model = _model(demo_dataset, demo_features, frequent_weight=0.0, frequent_min_count=threshold)
+    got = model.loss_terms(batch, torch.Generator().manual_seed(1))["contrastive"].item()
+    uniq = torch.unique(batch["items"][batch["segments"] > 0])
+    uniq = uniq[model._has_id(uniq)]
+    weight = (counts[uniq] < threshold).float()
+    assert 0 < weight.sum() < len(weight)
+    with torch.no_grad():
+        e = model.encoder.item_emb(uniq + 1)
+        model.eval()
+        t = model._item_text(uniq)
+    # the same loss from the function with explicit weights (eval mode: the Perceiver's dropout is 0 in TINY)
+    assert got == pytest.approx(info_nce_margin(e, t, model.config.tau, model.config.margin, weight).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="tau_frequent"):
+        Flare(FlareConfig(**{**TINY, "tau_frequent": 0.0}), demo_dataset.n_items)
+
+
 def test_loss_terms_alpha_mix_and_backward(demo_dataset, demo_features):
     model = _model(demo_dataset, demo_features, alpha=0.25)
     packed = pack_sequences(demo_dataset.train_sequences(), 64, model.packed_seq_len, False, np.random.default_rng(0))

@@ -89,6 +89,15 @@ class FlareConfig:
     # True (paper): the contrastive loss trains both e and t. False: e is detached in it, so only the text path
     # learns to point at its item's ID embedding and e is shaped by the MLM alone (measured worse: README)
     contrastive_id_grad: bool = True
+    # our option, not the paper's: items with >= frequent_min_count training occurrences get their own InfoNCE
+    # temperature (tau_frequent; None = tau) and row weight (frequent_weight). Why: one tau for all items trades
+    # popular items' top-rank sharpness (better at tau 0.1) against rare items' text alignment (better at 0.3;
+    # README, Flare T+ID: temperature). The counts come from the training split (load_flare_features).
+    # Measured (README, "Frequency-aware contrastive loss"): frequent_weight 0 (frequent items' rows leave the
+    # InfoNCE; they stay in-batch negatives) helps; tau_frequent 0.1 does not. The default 1.0 = the paper.
+    tau_frequent: float | None = None
+    frequent_weight: float = 1.0
+    frequent_min_count: int = 20
     encoder: str = "minilm"  # frozen encoder name or local path (features come from the feature cache)
     max_text_tokens: int = 64
     text_dim: int | None = None  # encoder hidden size; None = read from the encoder's config at build time
@@ -101,13 +110,20 @@ class FlareConfig:
 
 
 # ------------------------------------------------------------------------------------------- losses
-def info_nce_margin(e: torch.Tensor, t: torch.Tensor, tau: float, margin: float) -> torch.Tensor:
+def info_nce_margin(e: torch.Tensor, t: torch.Tensor, tau: float | torch.Tensor, margin: float,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between rows of e (U, D) and t (U, D): positives on the diagonal, margin subtracted
-    from the positive cosine before the temperature."""
+    from the positive cosine before the temperature. tau may be per item (U,): item i's temperature divides
+    both of its rows (anchor e_i over all t, anchor t_i over all e). weight (U,) scales item i's two row losses;
+    the mean stays over U rows, so weight 1 everywhere is the plain loss and weight < 1 only removes pull."""
     sim = F.normalize(e.float(), dim=-1) @ F.normalize(t.float(), dim=-1).t()  # (U, U) cosines
-    logits = (sim - margin * torch.eye(sim.shape[0], device=sim.device)) / tau
+    sim = sim - margin * torch.eye(sim.shape[0], device=sim.device)
+    tau = torch.as_tensor(tau, dtype=sim.dtype, device=sim.device).reshape(-1, 1)  # (U, 1) or (1, 1)
     labels = torch.arange(sim.shape[0], device=sim.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    rows = F.cross_entropy(sim / tau, labels, reduction="none") + F.cross_entropy(sim.t() / tau, labels, reduction="none")
+    if weight is not None:
+        rows = rows * weight.to(rows.dtype)
+    return 0.5 * rows.mean()
 
 
 # ---------------------------------------------------------------------------------------- critiques
@@ -289,6 +305,8 @@ class Flare(nn.Module):
         self.config = config
         if not 0.0 <= config.alpha <= 1.0 or config.tau <= 0:
             raise ValueError("flare: alpha must be in [0, 1] and tau > 0")
+        if (config.tau_frequent is not None and config.tau_frequent <= 0) or config.frequent_weight < 0:
+            raise ValueError("flare: tau_frequent must be > 0 and frequent_weight >= 0")
         if config.critique_prob > 0 and not config.use_text:
             raise ValueError("flare: critiques need the text path (use_text: true)")
         self.n_id_items = n_items  # rows of the trained ID table
@@ -301,6 +319,8 @@ class Flare(nn.Module):
         self.out_residual = nn.Parameter(torch.zeros(n_items, config.dim)) if config.output_residual else None
         # which IDs were trained (set from the training data by load_flare_features; saved with the weights)
         self.register_buffer("id_seen", torch.ones(n_items, dtype=torch.bool))
+        # training occurrences per item (training only: the frequent-item contrastive options; not saved)
+        self.register_buffer("id_count", torch.zeros(n_items), persistent=False)
         self.perceiver = None
         if config.use_text:
             if config.text_dim is None:
@@ -349,11 +369,26 @@ class Flare(nn.Module):
         self._cache = None
 
     def set_trained_ids(self, trained: torch.Tensor | np.ndarray) -> None:
-        trained = torch.as_tensor(np.asarray(trained), dtype=torch.bool)
+        """trained: a (N,) bool mask of IDs seen in training, or the (N,) training occurrence counts."""
+        trained = torch.as_tensor(np.asarray(trained))
         if trained.shape != (self.n_id_items,):
             raise ValueError(f"trained-ID mask must be ({self.n_id_items},), got {tuple(trained.shape)}")
-        self.id_seen.copy_(trained.to(self.id_seen.device))
+        if trained.dtype != torch.bool:
+            self.id_count.copy_(trained.to(self.id_count.device, self.id_count.dtype))
+        self.id_seen.copy_(trained.to(self.id_seen.device) > 0)
         self._cache = None
+
+    def _contrastive(self, e: torch.Tensor, t: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """InfoNCE with margin for the batch's trained items (K,), with the frequent-item tau and weight."""
+        cfg = self.config
+        if cfg.tau_frequent is None and cfg.frequent_weight == 1.0:
+            return info_nce_margin(e, t, cfg.tau, cfg.margin)
+        if not bool((self.id_count > 0).any()):
+            raise ValueError("flare: tau_frequent / frequent_weight need the training counts (set_trained_ids)")
+        frequent = self.id_count[items] >= cfg.frequent_min_count  # (K,)
+        tau = torch.where(frequent, cfg.tau if cfg.tau_frequent is None else cfg.tau_frequent, cfg.tau)
+        weight = torch.where(frequent, cfg.frequent_weight, 1.0)
+        return info_nce_margin(e, t, tau, cfg.margin, weight)
 
     def add_items(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[int]:
         """Append items known only by their text (K, T, Dt) / (K, T); returns their new item indices, which
@@ -470,7 +505,7 @@ class Flare(nn.Module):
                 e_u = self.encoder.item_emb(uniq[keep] + 1)  # (K, D)
                 if not cfg.contrastive_id_grad:
                     e_u = e_u.detach()
-                con = info_nce_margin(e_u, t_u[keep], cfg.tau, cfg.margin)
+                con = self._contrastive(e_u, t_u[keep], uniq[keep])
                 terms["contrastive"] = con
                 loss = cfg.alpha * mlm + (1 - cfg.alpha) * con
         terms["loss"] = loss
@@ -636,7 +671,7 @@ def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray
     feats = dataset_features(dataset, cfg.encoder, cfg.max_text_tokens, cache_dir=cache_dir, use_ray=use_ray)
     critiques = build_critique_table(dataset, model, cache_dir, use_ray) if cfg.critique_prob > 0 else None
     model.attach_item_features(feats.tokens, feats.mask, critiques)
-    model.set_trained_ids(dataset.train_item_counts() > 0)
+    model.set_trained_ids(dataset.train_item_counts())
 
 
 def prepare_experiment_params(params: dict[str, Any], dataset) -> dict[str, Any]:
