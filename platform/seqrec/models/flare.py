@@ -372,7 +372,7 @@ class Flare(nn.Module):
         """trained: a (N,) bool mask of IDs seen in training, or the (N,) training occurrence counts."""
         trained = torch.as_tensor(np.asarray(trained))
         if trained.shape != (self.n_id_items,):
-            raise ValueError(f"trained-ID mask must be ({self.n_id_items},), got {tuple(trained.shape)}")
+            raise ValueError(f"trained-ID mask or counts must be ({self.n_id_items},), got {tuple(trained.shape)}")
         if trained.dtype != torch.bool:
             self.id_count.copy_(trained.to(self.id_count.device, self.id_count.dtype))
         self.id_seen.copy_(trained.to(self.id_seen.device) > 0)
