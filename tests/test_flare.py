@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seqrec.data.batching import make_batch
-from seqrec.models.flare import Flare, FlareConfig, info_nce_margin, load_flare_features
+from seqrec.models.flare import Flare, FlareConfig, flare_item_texts, info_nce_margin, load_flare_features
 from seqrec.models.packing import pack_sequences
 from seqrec.models.perceiver import TYPE_CRITIQUE, TYPE_TEXT, PerceiverResampler
 
@@ -163,6 +163,10 @@ def test_info_nce_margin_per_item_tau_and_weight_match_hand_computation():
     expected = 0.5 * sum(w[i] * (row(en, tn, i) + row(tn, en, i)) for i in range(3)) / 3
     got = info_nce_margin(e, t, torch.tensor(taus), m, torch.tensor(w)).item()
     assert got == pytest.approx(expected, rel=1e-6)
+    # weighted_mean: the same weighted sum over the weights' sum (2.5) instead of U (3); all-zero weights give 0
+    got = info_nce_margin(e, t, torch.tensor(taus), m, torch.tensor(w), weighted_mean=True).item()
+    assert got == pytest.approx(expected * 3 / 2.5, rel=1e-6)
+    assert info_nce_margin(e, t, 0.3, m, torch.zeros(3), weighted_mean=True).item() == 0.0
     # one tau for all and unit weights is the plain loss
     same = info_nce_margin(e, t, torch.full((3,), 0.3), m, torch.ones(3)).item()
     assert same == pytest.approx(info_nce_margin(e, t, 0.3, m).item(), rel=1e-6)
@@ -194,6 +198,11 @@ def test_frequent_item_contrastive_uses_training_counts(demo_dataset, demo_featu
         t = model._item_text(uniq)
     # the same loss from the function with explicit weights (eval mode: the Perceiver's dropout is 0 in TINY)
     assert got == pytest.approx(info_nce_margin(e, t, model.config.tau, model.config.margin, weight).item(), rel=1e-5)
+    # frequent_weighted_mean: the same rows averaged over the rare items only
+    model.config.frequent_weighted_mean = True
+    model.train()
+    got_w = model.loss_terms(batch, torch.Generator().manual_seed(1))["contrastive"].item()
+    assert got_w == pytest.approx(got * len(weight) / weight.sum().item(), rel=1e-5)
     with pytest.raises(ValueError, match="tau_frequent"):
         Flare(FlareConfig(**{**TINY, "tau_frequent": 0.0}), demo_dataset.n_items)
 
@@ -395,6 +404,31 @@ def test_feature_cache_invalidation_on_text_change(demo_dataset, demo_features, 
     assert not torch.equal(model.item_tokens[5, : before.shape[0]], before[: model.item_tokens.shape[1]])
     model.eval()
     assert not torch.allclose(model._tables()["text"][5], t_before)
+
+
+def test_description_source_appends_matched_descriptions(demo_dataset, tmp_path):
+    """description_source: an LC-Rec item whose normalised title matches gets its first description_words words
+    appended; items without a match or with an empty description keep their text; a wrong path is an error."""
+    import json
+
+    from seqrec.features.cache import dataset_features
+
+    titles = demo_dataset.items.column("title").to_pylist()
+    texts = demo_dataset.item_texts()
+    lc = tmp_path / "lc"
+    lc.mkdir()
+    records = {"A1": {"title": titles[0].upper() + " ", "description": "<b>Very</b> sharp lens for  daylight work."},
+               "A2": {"title": titles[1], "description": ""},
+               "A3": {"title": "no such item", "description": "never used"}}
+    (lc / "Demo.item.json").write_text(json.dumps(records), encoding="utf-8")
+    out = flare_item_texts(demo_dataset, FlareConfig(description_source=str(lc), description_words=3))
+    assert out[0] == texts[0] + " Description: Very sharp lens"
+    assert out[1:] == texts[1:]
+    assert flare_item_texts(demo_dataset, FlareConfig()) == texts
+    with pytest.raises(FileNotFoundError, match="description_source"):
+        flare_item_texts(demo_dataset, FlareConfig(description_source=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="texts for"):
+        dataset_features(demo_dataset, "minilm", 32, cache_dir=tmp_path / "c", use_ray=False, texts=texts[:-1])
 
 
 def test_cold_start_and_add_items(demo_dataset, demo_features):

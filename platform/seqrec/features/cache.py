@@ -173,9 +173,13 @@ def pooled(features: ItemFeatures) -> torch.Tensor:
     return torch.nn.functional.normalize(mean, dim=-1)
 
 
-def dataset_features(dataset, encoder_name: str = "minilm", max_tokens: int = 64, cache_dir=None, use_ray: bool = True) -> ItemFeatures:
-    """Features for a prepared dataset's item texts, cached under <dataset>/features unless told otherwise."""
+def dataset_features(dataset, encoder_name: str = "minilm", max_tokens: int = 64, cache_dir=None, use_ray: bool = True,
+                     texts: list[str] | None = None) -> ItemFeatures:
+    """Features for a prepared dataset's item texts (or `texts`, one per item), cached under <dataset>/features
+    unless told otherwise."""
     cache = FeatureCache(cache_dir or Path(dataset.path) / "features", encoder_name, max_tokens)
-    texts = dataset.item_texts()
+    texts = dataset.item_texts() if texts is None else texts
+    if len(texts) != dataset.n_items:
+        raise ValueError(f"{len(texts)} texts for {dataset.n_items} items")
     cache.ensure(texts, use_ray=use_ray)
     return cache.load(texts)

@@ -30,6 +30,8 @@ Where this departs from / fills in the paper (and why):
   * Item token features are catalog data, not weights: they are not in the checkpoint. The config keeps the
     encoder name and token limit; `load_flare_features(model, dataset)` attaches them (training loop,
     evaluator CLI, serving).
+  * Item text: the dataset's key-value text (title, category, brand, price). `description_source` (our option,
+    off by default) appends the first words of the LC-Rec description (`flare_item_texts`).
 """
 from __future__ import annotations
 
@@ -98,8 +100,17 @@ class FlareConfig:
     tau_frequent: float | None = None
     frequent_weight: float = 1.0
     frequent_min_count: int = 20
+    # False: the weighted InfoNCE is averaged over all of the batch's items, so frequent_weight 0 also lowers the
+    # contrastive term's overall weight. True: averaged over the weights' sum, so the remaining (rare) items keep
+    # the contrastive strength they would have if the frequent items' rows were absent.
+    frequent_weighted_mean: bool = False
     encoder: str = "minilm"  # frozen encoder name or local path (features come from the feature cache)
     max_text_tokens: int = 64
+    # our option, not the paper's: append "Description: <first description_words words>" to each item's text,
+    # from an LC-Rec directory of the same catalog matched by normalised title (UniSRec's text has none).
+    # The feature cache is keyed by text, so the longer texts are encoded once; raise max_text_tokens with it.
+    description_source: str | None = None
+    description_words: int = 32
     text_dim: int | None = None  # encoder hidden size; None = read from the encoder's config at build time
     id_dropout: float = 0.05  # visible trained IDs replaced by e_unk (trains the cold-start input)
     # critiques
@@ -111,19 +122,23 @@ class FlareConfig:
 
 # ------------------------------------------------------------------------------------------- losses
 def info_nce_margin(e: torch.Tensor, t: torch.Tensor, tau: float | torch.Tensor, margin: float,
-                    weight: torch.Tensor | None = None) -> torch.Tensor:
+                    weight: torch.Tensor | None = None, weighted_mean: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE between rows of e (U, D) and t (U, D): positives on the diagonal, margin subtracted
     from the positive cosine before the temperature. tau may be per item (U,): item i's temperature divides
     both of its rows (anchor e_i over all t, anchor t_i over all e). weight (U,) scales item i's two row losses;
-    the mean stays over U rows, so weight 1 everywhere is the plain loss and weight < 1 only removes pull."""
+    the mean stays over U rows, so weight 1 everywhere is the plain loss and weight < 1 only removes pull.
+    weighted_mean divides by the weights' sum instead (0 when every weight is 0)."""
     sim = F.normalize(e.float(), dim=-1) @ F.normalize(t.float(), dim=-1).t()  # (U, U) cosines
     sim = sim - margin * torch.eye(sim.shape[0], device=sim.device)
     tau = torch.as_tensor(tau, dtype=sim.dtype, device=sim.device).reshape(-1, 1)  # (U, 1) or (1, 1)
     labels = torch.arange(sim.shape[0], device=sim.device)
     rows = F.cross_entropy(sim / tau, labels, reduction="none") + F.cross_entropy(sim.t() / tau, labels, reduction="none")
-    if weight is not None:
-        rows = rows * weight.to(rows.dtype)
-    return 0.5 * rows.mean()
+    if weight is None:
+        return 0.5 * rows.mean()
+    weight = weight.to(rows.dtype)
+    if weighted_mean:
+        return 0.5 * (rows * weight).sum() / weight.sum().clamp_min(1e-12)
+    return 0.5 * (rows * weight).mean()
 
 
 # ---------------------------------------------------------------------------------------- critiques
@@ -153,6 +168,38 @@ def _segment(joined: str, vocab: set[str], max_words: int) -> list[str] | None:
     return out
 
 
+def _lcrec_items(source: str | Path, option: str) -> list[dict]:
+    """The item records of an LC-Rec directory (`*.item.json` values)."""
+    import json
+
+    from seqrec.data.unisrec import _find
+
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"{option} {src} does not exist")
+    return list(json.loads(_find(src, ".item.json").read_text(encoding="utf-8")).values())
+
+
+def flare_item_texts(dataset, config: "FlareConfig") -> list[str]:
+    """The texts the frozen encoder sees: the dataset's key-value item texts, plus a description when
+    `description_source` is set (items without a title match or a description keep their text as it is)."""
+    texts = dataset.item_texts()
+    if not config.description_source:
+        return texts
+    from seqrec.data.text import clean_text, truncate_words
+
+    by_title: dict[str, str] = {}
+    for value in _lcrec_items(config.description_source, "description_source"):
+        desc = truncate_words(clean_text(value.get("description") or ""), config.description_words)
+        if desc:
+            by_title.setdefault(_norm_title(value.get("title")), desc)
+    titles = dataset.items.column("title").to_pylist()
+    out = [f"{text} Description: {by_title[_norm_title(title)]}" if _norm_title(title) in by_title else text
+           for text, title in zip(texts, titles)]
+    log.info("descriptions appended to %d of %d item texts", sum(a != b for a, b in zip(out, texts)), len(out))
+    return out
+
+
 def category_paths(dataset, source: str | Path | None = None) -> list[list[str]]:
     """Per item, its category path as a list of levels (root first; [] when unknown).
 
@@ -166,16 +213,9 @@ def category_paths(dataset, source: str | Path | None = None) -> list[list[str]]
     by_title: dict[str, list[str]] = {}
     vocab: set[str] = set()
     if source:
-        import json
-
         from seqrec.data.lcrec import split_categories
-        from seqrec.data.unisrec import _find
 
-        src = Path(source)
-        if not src.exists():
-            raise FileNotFoundError(f"category_source {src} does not exist")
-        raw = json.loads(_find(src, ".item.json").read_text(encoding="utf-8"))
-        for value in raw.values():
+        for value in _lcrec_items(source, "category_source"):
             levels = split_categories(value.get("categories") or "")
             if levels:
                 by_title.setdefault(_norm_title(value.get("title")), levels)
@@ -388,7 +428,7 @@ class Flare(nn.Module):
         frequent = self.id_count[items] >= cfg.frequent_min_count  # (K,)
         tau = torch.where(frequent, cfg.tau if cfg.tau_frequent is None else cfg.tau_frequent, cfg.tau)
         weight = torch.where(frequent, cfg.frequent_weight, 1.0)
-        return info_nce_margin(e, t, tau, cfg.margin, weight)
+        return info_nce_margin(e, t, tau, cfg.margin, weight, cfg.frequent_weighted_mean)
 
     def add_items(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[int]:
         """Append items known only by their text (K, T, Dt) / (K, T); returns their new item indices, which
@@ -668,7 +708,8 @@ def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray
     from seqrec.features.cache import dataset_features
 
     cfg = model.config
-    feats = dataset_features(dataset, cfg.encoder, cfg.max_text_tokens, cache_dir=cache_dir, use_ray=use_ray)
+    feats = dataset_features(dataset, cfg.encoder, cfg.max_text_tokens, cache_dir=cache_dir, use_ray=use_ray,
+                             texts=flare_item_texts(dataset, cfg))
     critiques = build_critique_table(dataset, model, cache_dir, use_ray) if cfg.critique_prob > 0 else None
     model.attach_item_features(feats.tokens, feats.mask, critiques)
     model.set_trained_ids(dataset.train_item_counts())
@@ -678,8 +719,9 @@ def prepare_experiment_params(params: dict[str, Any], dataset) -> dict[str, Any]
     """Driver side, before Ray Train starts: make category_source absolute (workers run elsewhere) and fill the
     feature cache once with Ray Data, so workers only read it."""
     params = dict(params)
-    if params.get("category_source"):
-        params["category_source"] = str(Path(params["category_source"]).resolve())
+    for key in ("category_source", "description_source"):
+        if params.get(key):
+            params[key] = str(Path(params[key]).resolve())
     from seqrec.config import from_dict
 
     model = Flare(from_dict(FlareConfig, params, where="model[flare]"), dataset.n_items)
