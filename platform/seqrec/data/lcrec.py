@@ -38,6 +38,20 @@ def split_categories(value: str) -> list[str]:
     return [c.strip() for c in _CATEGORY_SEP.split(value or "") if c.strip()]
 
 
+def read_item_records(input_dir: str | Path, option: str = "LC-Rec directory") -> list[dict]:
+    """The item records (`*.item.json` values: title, description, brand, categories) of an LC-Rec directory,
+    for readers that match items by title (Flare's category paths and descriptions); `option` names the
+    setting in the errors."""
+    src = Path(input_dir)
+    if not src.exists():
+        raise FileNotFoundError(f"{option} {src} does not exist")
+    try:
+        raw = json.loads(_find(src, ".item.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{option} {src}: not valid LC-Rec JSON: {e}") from e
+    return list(raw.values())
+
+
 def apply_max_len(sequences: list[np.ndarray], max_len: int | None, mode: str) -> tuple[list[np.ndarray], list[bool], int]:
     """Trim to the last `max_len` items or mark longer users for removal. Returns (seqs, keep, n_affected)."""
     if not max_len:

@@ -168,35 +168,23 @@ def _segment(joined: str, vocab: set[str], max_words: int) -> list[str] | None:
     return out
 
 
-def _lcrec_items(source: str | Path, option: str) -> list[dict]:
-    """The item records of an LC-Rec directory (`*.item.json` values)."""
-    import json
-
-    from seqrec.data.unisrec import _find
-
-    src = Path(source)
-    if not src.exists():
-        raise FileNotFoundError(f"{option} {src} does not exist")
-    return list(json.loads(_find(src, ".item.json").read_text(encoding="utf-8")).values())
-
-
 def flare_item_texts(dataset, config: "FlareConfig") -> list[str]:
     """The texts the frozen encoder sees: the dataset's key-value item texts, plus a description when
     `description_source` is set (items without a title match or a description keep their text as it is)."""
     texts = dataset.item_texts()
     if not config.description_source:
         return texts
+    from seqrec.data.lcrec import read_item_records
     from seqrec.data.text import clean_text, truncate_words
 
     by_title: dict[str, str] = {}
-    for value in _lcrec_items(config.description_source, "description_source"):
+    for value in read_item_records(config.description_source, "description_source"):
         desc = truncate_words(clean_text(value.get("description") or ""), config.description_words)
         if desc:
             by_title.setdefault(_norm_title(value.get("title")), desc)
-    titles = dataset.items.column("title").to_pylist()
-    out = [f"{text} Description: {by_title[_norm_title(title)]}" if _norm_title(title) in by_title else text
-           for text, title in zip(texts, titles)]
-    log.info("descriptions appended to %d of %d item texts", sum(a != b for a, b in zip(out, texts)), len(out))
+    descs = [by_title.get(_norm_title(title)) for title in dataset.items.column("title").to_pylist()]
+    out = [f"{text} Description: {desc}" if desc else text for text, desc in zip(texts, descs)]
+    log.info("descriptions appended to %d of %d item texts", sum(d is not None for d in descs), len(out))
     return out
 
 
@@ -213,9 +201,9 @@ def category_paths(dataset, source: str | Path | None = None) -> list[list[str]]
     by_title: dict[str, list[str]] = {}
     vocab: set[str] = set()
     if source:
-        from seqrec.data.lcrec import split_categories
+        from seqrec.data.lcrec import read_item_records, split_categories
 
-        for value in _lcrec_items(source, "category_source"):
+        for value in read_item_records(source, "category_source"):
             levels = split_categories(value.get("categories") or "")
             if levels:
                 by_title.setdefault(_norm_title(value.get("title")), levels)
@@ -716,8 +704,8 @@ def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray
 
 
 def prepare_experiment_params(params: dict[str, Any], dataset) -> dict[str, Any]:
-    """Driver side, before Ray Train starts: make category_source absolute (workers run elsewhere) and fill the
-    feature cache once with Ray Data, so workers only read it."""
+    """Driver side, before Ray Train starts: make category_source / description_source absolute (workers run
+    elsewhere) and fill the feature cache once with Ray Data, so workers only read it."""
     params = dict(params)
     for key in ("category_source", "description_source"):
         if params.get(key):
