@@ -125,7 +125,6 @@ def bench_steps(args) -> None:
 
 def bench_ablation(args) -> None:
     from seqrec.eval.evaluator import EvalSettings, evaluate, format_table
-    from seqrec.models.flare import load_flare_features
     from seqrec.models.registry import load_model
 
     dataset = load_scientific(Path(args.raw), Path(args.data_cache))
@@ -140,8 +139,7 @@ def bench_ablation(args) -> None:
     result, table = {"split": args.split, "users": {k: len(v) for k, v in subsets.items()}, "models": {}}, {}
     for spec in args.checkpoint:
         label, _, path = spec.partition("=")
-        model, meta = load_model(path)
-        load_flare_features(model, dataset)
+        model, meta = load_model(path, dataset=dataset)
         result["models"][label] = {"checkpoint": path, "model": meta["model"]}
         for name, sub in subsets.items():
             res = evaluate(model, sub, dataset.n_items, EvalSettings())

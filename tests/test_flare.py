@@ -475,6 +475,32 @@ def test_checkpoint_round_trip_keeps_features_out(demo_dataset, demo_features, t
     assert torch.allclose(model.score_all(batch), again.score_all(batch), atol=1e-5)
 
 
+def test_load_model_keeps_the_checkpoint_trained_ids(demo_dataset, demo_features, tmp_path):
+    """Binding a loaded checkpoint to a dataset keeps the checkpoint's trained-ID mask (a refit run trained the
+    validation targets too; the dataset's training split does not know that)."""
+    import shutil
+
+    from seqrec.data.dataset import PreparedDataset
+    from seqrec.models.registry import load_model, model_config_dict
+    from seqrec.train.checkpoint import save_model_files
+
+    data = tmp_path / "data"  # the demo dataset reading the module's private feature cache
+    shutil.copytree(demo_dataset.path, data, ignore=shutil.ignore_patterns("features", "*+valid"))
+    (data / "features").symlink_to(demo_features[0], target_is_directory=True)
+    model = _model(demo_dataset, demo_features).eval()
+    seen = model.id_seen.clone()
+    seen[:5] = ~seen[:5]
+    model.set_trained_ids(seen)
+    save_model_files(model, tmp_path / "ckpt", {"model_name": "flare", "model": model_config_dict(model),
+                                                "n_items": demo_dataset.n_items})
+    again, _ = load_model(tmp_path / "ckpt", dataset=PreparedDataset.load(data), use_ray=False)
+    assert torch.equal(again.id_seen, seen)
+    assert torch.equal(again.id_count, torch.as_tensor(demo_dataset.train_item_counts(), dtype=again.id_count.dtype))
+    rows = demo_dataset.eval_rows("valid")
+    batch = make_batch(rows.histories[:8], None, max_len=model.max_len)
+    assert torch.allclose(model.score_all(batch), again.score_all(batch), atol=1e-5)
+
+
 def test_bad_inputs_raise(demo_dataset, demo_features):
     model = _model(demo_dataset, demo_features)
     with pytest.raises(ValueError, match="cover"):

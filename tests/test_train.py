@@ -188,3 +188,62 @@ def test_ema_checkpoints_hold_the_average_and_resume_exactly(ray_session, demo_d
         assert torch.equal(saved[k], again[k]), k
     for k, v in state["live_weights"].items():
         assert torch.equal(v, state2["live_weights"][k]), k
+
+
+def test_refit_dataset_moves_validation_targets_into_training(demo_dataset):
+    from seqrec.data.dataset import _list_column, refit_dataset
+
+    out = Path(demo_dataset.path).parent / "demo_refit_unit"
+    refit = refit_dataset(demo_dataset, out)
+    train = dict(zip(demo_dataset.split("train").column("user_idx").to_pylist(),
+                     _list_column(demo_dataset.split("train"), "items")))
+    refit_train = dict(zip(refit.split("train").column("user_idx").to_pylist(),
+                           _list_column(refit.split("train"), "items")))
+    valid, test = demo_dataset.eval_rows("valid"), demo_dataset.eval_rows("test")
+    assert len(valid) > 0 and set(refit_train) == set(train)
+    for u, target in zip(valid.user_idx.tolist(), valid.targets.tolist()):
+        assert refit_train[u].tolist() == train[u].tolist() + [target]
+    evaluated = set(valid.user_idx.tolist())
+    for u in set(train) - evaluated:  # training-only users are unchanged
+        assert refit_train[u].tolist() == train[u].tolist()
+    # the demo's histories are not truncated: each refit sequence is exactly that user's test history
+    for u, history in zip(test.user_idx.tolist(), test.histories):
+        assert refit_train[u].tolist() == history.tolist()
+    for split in ("valid", "test"):
+        assert refit.split(split).equals(demo_dataset.split(split))
+    counts = refit.train_item_counts() - demo_dataset.train_item_counts()
+    assert counts.sum() == len(valid) and np.array_equal(counts, np.bincount(valid.targets, minlength=refit.n_items))
+    assert refit.meta["fit_on"] == "train+valid" and refit.meta["source_counts"] == demo_dataset.meta["counts"]
+    assert (out / "features").resolve() == (Path(demo_dataset.path) / "features").resolve()
+    # written once: a second call reuses it
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    assert refit_dataset(demo_dataset, out).path == out and (out / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_train_config_rejects_bad_fit_on_and_stop_step(demo_dataset, tmp_path):
+    with pytest.raises(ValueError, match="fit_on"):
+        _cfg(demo_dataset, tmp_path, **{"train.fit_on": "valid"})
+    with pytest.raises(ValueError, match="stop_step"):
+        _cfg(demo_dataset, tmp_path, **{"train.steps": 10, "train.stop_step": 11})
+
+
+def test_refit_run_stops_at_stop_step_without_validation(ray_session, demo_dataset, tmp_path):
+    from seqrec.train.loop import lr_lambda
+
+    cfg = _cfg(demo_dataset, tmp_path, **{"train.fit_on": "train+valid", "train.steps": 12, "train.stop_step": 8,
+                                          "train.eval_every": 4, "train.patience": 1, "run.name": "refit"})
+    summary = run_experiment(cfg)
+    # no validation (patience cannot stop it), the run ends at stop_step and tests the last checkpoint
+    assert summary["final_step"] == 8 and summary["best_step"] == 8 and summary["fit_on"] == "train+valid"
+    assert "valid" not in summary and summary["test"]["ndcg@10/pes"] >= 0
+    assert Path(summary["best_checkpoint"]).name == "checkpoint_00000008"
+    reported = _reported_metrics(tmp_path / "runs" / "refit", 8)
+    assert not any(k.startswith("val/") for k in reported)
+    # the lr schedule spans train.steps (12), not the stop step: the step-8 lr is mid-decay, not the floor
+    assert reported["lr"] == pytest.approx(cfg.train.lr * lr_lambda(cfg.train)(8))
+    assert reported["lr"] > cfg.train.lr * cfg.train.min_lr_ratio * 1.5
+    # it trained on the refit copy, whose training sequences hold the validation targets
+    assert Path(str(demo_dataset.path) + "+valid", "meta.json").exists()
+    model, _ = load_model(summary["best_checkpoint"])
+    res = evaluate(model, demo_dataset.eval_rows("test"), demo_dataset.n_items, EvalSettings())
+    assert res.metrics == pytest.approx(summary["test"], abs=1e-12)

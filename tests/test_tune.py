@@ -231,6 +231,16 @@ def test_asha_stop_labels(demo_dataset, tmp_path):
     assert stop_reason([4, 8, 12], 12, rungs={4, 8}, budget=60.0) == "completed"
 
 
+def test_sweep_refuses_the_refit_protocol(demo_dataset, tmp_path):
+    """A sweep selects on validation: training on the validation targets (train.fit_on train+valid) is refused."""
+    from seqrec.tune.config import load_grid
+    from seqrec.tune.runner import build_sweep
+
+    with pytest.raises(ValueError, match="fit_on"):
+        build_sweep(load_grid("smoke_demo"), {"data.path": str(demo_dataset.path), "train.fit_on": "train+valid"},
+                    tmp_path / "x")
+
+
 def test_best_row_prefers_a_tied_report_whose_checkpoint_remains(tmp_path):
     """Ray may evict the earliest of several equal-scored checkpoints: the report must pick a tied one that is
     still on disk (the earliest such), and the plain best when there is no tie."""

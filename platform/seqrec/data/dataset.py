@@ -285,3 +285,41 @@ class PreparedDataset:
 
     def iter_train_batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
         yield from self.split("train").to_batches(max_chunksize=batch_size)
+
+
+def refit_dataset(dataset: PreparedDataset, out_dir: str | os.PathLike) -> PreparedDataset:
+    """The refit protocol's copy of `dataset` (train.fit_on "train+valid"): the same catalog, sequences and
+    valid/test rows, with each evaluated user's validation target appended to their training sequence (which
+    makes it their test history). The test rows are untouched, so test metrics stay comparable; validation rows
+    are now training data and must not be used for selection. Written once (meta.json last); the frozen-encoder
+    feature cache is shared with the source through a `features` symlink (it is keyed by text)."""
+    out = Path(out_dir)
+    source = str(Path(dataset.path).resolve())
+    if (out / "meta.json").exists():
+        existing = PreparedDataset.load(out)
+        if existing.meta.get("refit_of") == source and existing.meta.get("source_counts") == dataset.meta["counts"]:
+            return existing
+    valid = dataset.eval_rows("valid")
+    valid_target = dict(zip(valid.user_idx.tolist(), valid.targets.tolist()))
+    valid_history = dict(zip(valid.user_idx.tolist(), valid.histories))
+    train = dataset.split("train")
+    users = train.column("user_idx").to_numpy().tolist()
+    seqs = _list_column(train, "items")
+    rows = {u: s for u, s in zip(users, seqs)}
+    for u, target in valid_target.items():  # a valid user without a training row trains on history + target
+        rows[u] = np.append(rows.get(u, valid_history[u]), target)
+    order = sorted(rows)
+    refit_train = pa.table({"user_idx": pa.array(order, pa.int32()),
+                            "items": pa.array([rows[u].astype(np.int32) for u in order], pa.list_(pa.int32()))})
+    meta = {k: v for k, v in dataset.meta.items() if k != "counts"}
+    meta.update(name=f"{dataset.name}+valid", refit_of=source, source_counts=dataset.meta["counts"],
+                fit_on="train+valid")
+    features = Path(source) / "features"
+    features.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "features").exists():
+        os.symlink(features, out / "features", target_is_directory=True)
+    write_prepared(out, dataset.items, dataset.sequences,
+                   {"train": refit_train, "valid": dataset.split("valid"), "test": dataset.split("test")}, meta)
+    log.info("refit dataset %s: %d validation targets moved into training", out, len(valid_target))
+    return PreparedDataset.load(out)

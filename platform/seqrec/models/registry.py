@@ -102,5 +102,10 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
     model = build_model(meta["model_name"], meta["model"], int(meta["n_items"]))
     load_state_dict_into(model, checkpoint_dir / WEIGHTS_FILE)
     if dataset is not None:
+        # Flare: binding sets the trained-ID mask from the dataset's training split, but the checkpoint knows which
+        # IDs its weights trained (a refit run, train.fit_on "train+valid", also trained the validation targets)
+        trained = model.id_seen.clone() if isinstance(getattr(model, "id_seen", None), torch.Tensor) else None
         bind_dataset(model, dataset, use_ray=use_ray)
+        if trained is not None:
+            model.set_trained_ids(trained)
     return model.to(device).eval(), meta

@@ -11,7 +11,9 @@ from seqrec.config import load_config, parse_overrides
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="a YAML path or a shipped name in configs/train/ (e.g. sasrec_scientific)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=1e-3 --set scaling.num_workers=2")
+                        help="override a config value, e.g. --set train.lr=1e-3 --set scaling.num_workers=2; "
+                             "--set train.fit_on=train+valid --set train.stop_step=N refits a validation-selected "
+                             "run (best step N) on train + validation targets and tests its last checkpoint")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local instance)")
     parser.add_argument("--resume-from", default=None, help="checkpoint directory to continue from")
 

@@ -18,9 +18,20 @@ class ModelSection:
     params: dict[str, Any] = field(default_factory=dict)  # the model's own @dataclass config
 
 
+FIT_ON = ("train", "train+valid")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000  # total optimizer steps (the step count continues across resumes)
+    # end the run at this step while the lr schedule still spans `steps` (None = steps): a refit stops where the
+    # validation run it repeats was selected
+    stop_step: int | None = None
+    # "train" (default): fit the training sequences, select checkpoints on validation. "train+valid": the refit
+    # protocol -- each user's validation target joins the training sequence (seqrec.data.dataset.refit_dataset),
+    # nothing is validated (those targets are training data now) and the checkpoint at the last step is tested.
+    # Take the hyperparameters and stop_step from a "train" run selected on validation.
+    fit_on: str = "train"
     batch_size: int = 16  # packed rows per worker per step
     pack_len: int = 256  # slots per packed row
     packing: bool = True  # False: one sequence per row, padded to the model's max length (the baseline)
@@ -44,6 +55,21 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best by validation; Ray also keeps the latest for resuming
     threads_per_worker: int | None = None  # torch intra-op threads; default = CPUs per worker
     fail_at_step: int | None = None  # fault-injection for tests: rank 0 SIGKILLs itself once at this step
+
+    def __post_init__(self) -> None:
+        if self.fit_on not in FIT_ON:
+            raise ValueError(f"train.fit_on must be one of {FIT_ON}, got {self.fit_on!r}")
+        if self.stop_step is not None and not 0 < self.stop_step <= self.steps:
+            raise ValueError(f"train.stop_step must be in 1..train.steps ({self.steps}), got {self.stop_step}")
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at (stop_step, else steps)."""
+        return self.stop_step or self.steps
+
+    @property
+    def refit(self) -> bool:
+        return self.fit_on == "train+valid"
 
 
 @dataclass

@@ -371,13 +371,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from seqrec.train.deepspeed_utils import full_parameters  # cheap: deepspeed is imported lazily
 
         metrics = None
-        with full_parameters(engine, model):  # ZeRO-3: all ranks gather, rank 0 evaluates
-            if rank == 0:
-                with averaged(ema, model):
-                    metrics = evaluate(validation_model(), valid_rows, dataset.n_items, EvalSettings(), device).metrics
-                    model.train()  # drops eval-time caches (Flare's text table) built from the averaged weights
-        metrics = broadcast(metrics, world)
-        score = float(metrics[tc.eval_metric])
+        if tc.refit:  # the validation targets are training data: checkpoint only; the latest ranks highest
+            metrics, score = {}, float(state["step"])
+        else:
+            with full_parameters(engine, model):  # ZeRO-3: all ranks gather, rank 0 evaluates
+                if rank == 0:
+                    with averaged(ema, model):
+                        metrics = evaluate(validation_model(), valid_rows, dataset.n_items, EvalSettings(),
+                                           device).metrics
+                        model.train()  # drops eval-time caches (Flare's text table) built from the averaged weights
+            metrics = broadcast(metrics, world)
+            score = float(metrics[tc.eval_metric])
         rs = {"torch_rng": torch.get_rng_state(), "stream": stream.state()}
         if torch.cuda.is_available():
             rs["cuda_rng"] = torch.cuda.get_rng_state()
@@ -385,10 +389,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                **{f"val/{k}": v for k, v in metrics.items()}}, score, state, model=model, engine=engine,
                               optimizer=optimizer, scheduler=scheduler, meta=meta, rank=rank, rank_state=rs,
                               ema=ema)
-        if rank == 0:
+        if rank == 0 and tc.refit:
+            print(f"[refit] step {state['step']} checkpointed (no validation: fit_on {tc.fit_on})", flush=True)
+        elif rank == 0:
             print(f"[valid] step {state['step']} {tc.eval_metric}={score:.4f} best={state['best_score']:.4f}"
                   f"@{state['best_step']} ndcg@10/opt={metrics.get('ndcg@10/opt', float('nan')):.4f}", flush=True)
-        return bool(tc.patience) and state["evals_since_best"] >= tc.patience
+        return bool(tc.patience) and not tc.refit and state["evals_since_best"] >= tc.patience
 
     # ---------------------------------------------------------------------------------------- the loop
     train_module.train()
@@ -397,7 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_loss, seq_per_s = float("nan"), 0.0
     run_t0 = time.perf_counter() - state["elapsed_s"]
     evaluated_at = state["step"] if resume_dir is not None else -1
-    while state["step"] < tc.steps:
+    while state["step"] < tc.last_step:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
         n_seqs = int((batch["positions"] == 0).logical_and(batch["segments"] > 0).sum())  # segments in the batch
         if tc.fail_at_step is not None and rank == 0 and state["step"] == tc.fail_at_step:
@@ -414,14 +420,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         window_loss += float(loss.detach())
         window_n += 1
         window_seqs += n_seqs * world
-        if state["step"] % tc.log_every == 0 or state["step"] == tc.steps:
+        if state["step"] % tc.log_every == 0 or state["step"] == tc.last_step:
             dt = time.perf_counter() - window_t0
             last_loss, seq_per_s = window_loss / window_n, window_seqs / max(dt, 1e-9)
             if rank == 0:
                 print(f"[train] step {state['step']}/{tc.steps} loss {last_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"{seq_per_s:.0f} seq/s elapsed {time.perf_counter() - run_t0:.0f}s", flush=True)
             window_loss, window_n, window_seqs, window_t0 = 0.0, 0, 0, time.perf_counter()
-        if state["step"] % tc.eval_every == 0 or state["step"] == tc.steps:
+        if state["step"] % tc.eval_every == 0 or state["step"] == tc.last_step:
             state["elapsed_s"] = time.perf_counter() - run_t0
             evaluated_at = state["step"]
             if validate_and_checkpoint(last_loss, seq_per_s):
@@ -435,17 +441,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------------- driver
 def resolve_dataset(cfg: ExperimentConfig) -> str:
+    """The prepared dataset the run trains on; with train.fit_on "train+valid" its refit copy (written once,
+    beside it: <dataset>+valid)."""
     if cfg.data.path:
-        return str(Path(cfg.data.path).resolve())
-    if cfg.data.unisrec_dir:
+        path = Path(cfg.data.path).resolve()
+    elif cfg.data.unisrec_dir:
         from seqrec.data.unisrec import prepare_unisrec
 
         raw = Path(cfg.data.unisrec_dir)
-        out = Path(cfg.data.cache_dir).resolve() / raw.name
-        if not (out / "meta.json").exists():
-            prepare_unisrec(raw, out)
-        return str(out)
-    raise ValueError("config needs data.path (prepared dataset) or data.unisrec_dir (raw UniSRec files)")
+        path = Path(cfg.data.cache_dir).resolve() / raw.name
+        if not (path / "meta.json").exists():
+            prepare_unisrec(raw, path)
+    else:
+        raise ValueError("config needs data.path (prepared dataset) or data.unisrec_dir (raw UniSRec files)")
+    if cfg.train.refit:
+        from seqrec.data.dataset import PreparedDataset, refit_dataset
+
+        path = refit_dataset(PreparedDataset.load(path), path.parent / f"{path.name}+valid").path
+    return str(path)
 
 
 def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, callbacks: list | None = None,
@@ -523,6 +536,9 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     model, _ = load_model(best_dir, dataset=dataset)
     table_rows = {}
     splits = ("valid", "test") if cfg.run.test else ("valid",)
+    if cfg.train.refit:  # validation targets were trained on: their metrics would mean nothing
+        splits = ("test",)
+        summary["fit_on"] = cfg.train.fit_on
     for split in splits:
         res = evaluate(model, dataset.eval_rows(split), dataset.n_items, EvalSettings())
         summary[split] = res.metrics

@@ -126,6 +126,8 @@ def load_staged_config(name_or_path: str, overrides: dict[str, Any] | None = Non
             raise ValueError(f"stages[{i}].eval_dataset {st.eval_dataset} out of range")
         if st.train.ema_decay is not None:  # the staged loop keeps no weight average: refuse rather than ignore
             raise ValueError(f"stages[{i}].train.ema_decay: weight averaging is implemented for the ID/Flare loop only")
+        if st.train.refit or st.train.stop_step is not None:  # likewise for the refit protocol
+            raise ValueError(f"stages[{i}].train: fit_on / stop_step are implemented for the ID/Flare loop only")
     return cfg
 
 

@@ -133,6 +133,9 @@ def build_sweep(grid: GridConfig, cli_overrides: dict[str, Any] | None, sweep_di
     space = swept_space(grid, cli_overrides)
     check_grid_points(grid, base, fixed, space)
     cfg = from_dict(ExperimentConfig, experiment_dict(base, fixed, derived=grid.derived))
+    if cfg.train.refit or "train.fit_on" in space:
+        raise ValueError("a sweep selects trials on validation; train.fit_on train+valid trains on the validation "
+                         "targets (refit the selected trial with seqrec train instead)")
     # prepare raw UniSRec files once here, not concurrently in every trial
     fixed["data.path"] = resolve_dataset(cfg)
     fixed["data.unisrec_dir"] = None
