@@ -62,14 +62,14 @@ def main() -> None:
     import torch
 
     from seqrec.eval.evaluator import EvalSettings, evaluate, format_table
-    from seqrec.models.registry import bind_dataset, load_model
+    from seqrec.models.registry import load_model
 
     torch.set_num_threads(args.threads)
     dataset = load_scientific(Path(args.raw), Path(args.data_cache))
     rows = {split: dataset.eval_rows(split) for split in SPLITS}
     models, configs = [], []
     for path in args.checkpoints:
-        model, meta = load_model(path)
+        model, meta = load_model(path, dataset=dataset)  # bound to the catalog; keeps its trained-ID mask
         models.append(model)
         configs.append(meta["model"])
     if any(c != configs[0] for c in configs[1:]):
@@ -81,7 +81,6 @@ def main() -> None:
     table = {}
     labels = [Path(p).name for p in args.checkpoints] + ["average"]
     for label, model in zip(labels, models + [averaged]):
-        bind_dataset(model, dataset)
         result["metrics"][label] = {}
         for split in SPLITS:
             res = evaluate(model.eval(), rows[split], dataset.n_items, EvalSettings())

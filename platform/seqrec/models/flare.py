@@ -398,13 +398,23 @@ class Flare(nn.Module):
 
     def set_trained_ids(self, trained: torch.Tensor | np.ndarray) -> None:
         """trained: a (N,) bool mask of IDs seen in training, or the (N,) training occurrence counts."""
-        trained = torch.as_tensor(np.asarray(trained))
-        if trained.shape != (self.n_id_items,):
-            raise ValueError(f"trained-ID mask or counts must be ({self.n_id_items},), got {tuple(trained.shape)}")
+        trained = self._per_id(trained, "trained-ID mask or counts")
         if trained.dtype != torch.bool:
-            self.id_count.copy_(trained.to(self.id_count.device, self.id_count.dtype))
+            self.set_item_counts(trained)
         self.id_seen.copy_(trained.to(self.id_seen.device) > 0)
         self._cache = None
+
+    def set_item_counts(self, counts: torch.Tensor | np.ndarray) -> None:
+        """(N,) training occurrence counts only (the frequent-item options), leaving the trained-ID mask as it is:
+        a loaded checkpoint knows which IDs its weights trained (a refit also trained the validation targets)."""
+        counts = self._per_id(counts, "training counts")
+        self.id_count.copy_(counts.to(self.id_count.device, self.id_count.dtype))
+
+    def _per_id(self, values: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+        values = torch.as_tensor(np.asarray(values))
+        if values.shape != (self.n_id_items,):
+            raise ValueError(f"{what} must be ({self.n_id_items},), got {tuple(values.shape)}")
+        return values
 
     def _contrastive(self, e: torch.Tensor, t: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """InfoNCE with margin for the batch's trained items (K,), with the frequent-item tau and weight."""
@@ -687,10 +697,12 @@ def build_critique_table(dataset, model: Flare, cache_dir=None, use_ray: bool = 
     return CritiqueTable(feats.tokens, feats.mask, item_prefixes)
 
 
-def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray: bool = True) -> None:
+def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray: bool = True,
+                        keep_trained_ids: bool = False) -> None:
     """Attach the catalog's frozen-encoder features (and training critiques) to a model that needs them;
     a no-op for other models. Encodes only texts not yet in the cache. Everyone (training loop, evaluator,
-    serving) calls this."""
+    serving) calls this. The trained-ID mask comes from the dataset's training split, or with
+    `keep_trained_ids` (a loaded checkpoint) stays the one saved with the weights."""
     if not getattr(model, "needs_item_features", False):
         return
     from seqrec.features.cache import dataset_features
@@ -700,7 +712,11 @@ def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray
                              texts=flare_item_texts(dataset, cfg))
     critiques = build_critique_table(dataset, model, cache_dir, use_ray) if cfg.critique_prob > 0 else None
     model.attach_item_features(feats.tokens, feats.mask, critiques)
-    model.set_trained_ids(dataset.train_item_counts())
+    counts = dataset.train_item_counts()
+    if keep_trained_ids:
+        model.set_item_counts(counts)
+    else:
+        model.set_trained_ids(counts)
 
 
 def prepare_experiment_params(params: dict[str, Any], dataset) -> dict[str, Any]:

@@ -77,15 +77,19 @@ def load_state_dict_into(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True) -> torch.nn.Module:
+def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True,
+                 from_checkpoint: bool = False) -> torch.nn.Module:
     """Attach the catalog data a model reads besides its weights; the one place every consumer (training loop,
     evaluator, serving) does it. Flare T+ID: the frozen encoder's item features (from the feature cache, encoding
-    only what is missing; `use_ray=False` encodes in-process). CALRec: the item texts. Recformer: the item attribute
-    dicts (its item matrix is re-encoded only if they differ from the catalog it was saved with). ID models: nothing."""
+    only what is missing; `use_ray=False` encodes in-process) and the training counts; its trained-ID mask comes
+    from the dataset's training split unless `from_checkpoint` (loaded weights know which IDs they trained: a refit,
+    train.fit_on "train+valid", also trained the validation targets). CALRec: the item texts. Recformer: the item
+    attribute dicts (its item matrix is re-encoded only if they differ from the catalog it was saved with).
+    ID models: nothing."""
     if getattr(model, "needs_item_features", False):
         from seqrec.models.flare import load_flare_features
 
-        load_flare_features(model, dataset, use_ray=use_ray)
+        load_flare_features(model, dataset, use_ray=use_ray, keep_trained_ids=from_checkpoint)
     if hasattr(model, "attach_catalog"):
         model.attach_catalog(dataset.item_texts())
     if getattr(model, "needs_item_attributes", False):
@@ -102,10 +106,5 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
     model = build_model(meta["model_name"], meta["model"], int(meta["n_items"]))
     load_state_dict_into(model, checkpoint_dir / WEIGHTS_FILE)
     if dataset is not None:
-        # Flare: binding sets the trained-ID mask from the dataset's training split, but the checkpoint knows which
-        # IDs its weights trained (a refit run, train.fit_on "train+valid", also trained the validation targets)
-        trained = model.id_seen.clone() if isinstance(getattr(model, "id_seen", None), torch.Tensor) else None
-        bind_dataset(model, dataset, use_ray=use_ray)
-        if trained is not None:
-            model.set_trained_ids(trained)
+        bind_dataset(model, dataset, use_ray=use_ray, from_checkpoint=True)
     return model.to(device).eval(), meta
