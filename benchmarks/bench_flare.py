@@ -8,6 +8,10 @@
     # test metrics of trained checkpoints on all users, on cold-start users (target never in training) and by how
     # often the target occurs in training (1-4, 5-19, 20+)
     python benchmarks/bench_flare.py ablation --checkpoint "T+ID=runs/train/.../checkpoint_..." --checkpoint ...
+    # the text-similarity prior (Flare's text_prior_weight; the same formula for other models): checkpoint and
+    # weight chosen on validation, test without and with it, all users and by target frequency
+    python benchmarks/bench_flare.py prior --checkpoint "Flare=runs/train/x/checkpoint_A,runs/train/x/checkpoint_B" \
+        --weights 0,1,2,4,8
 
 Results are printed and written to benchmarks/results/flare_<kind>_<timestamp>.json.
 """
@@ -123,6 +127,83 @@ def bench_steps(args) -> None:
     write("steps", result)
 
 
+def frequency_subsets(dataset, rows) -> dict:
+    """Rows by how often their target occurs in the training sequences (FREQUENCY_BUCKETS): where a text path
+    helps (rare targets) and where it costs (popular ones)."""
+    counts = dataset.train_item_counts()[rows.targets]
+    return {f"target-freq {lo}-{hi or ''}": rows.subset(np.flatnonzero((counts >= lo) & ((counts <= hi) if hi else True)))
+            for lo, hi in FREQUENCY_BUCKETS}
+
+
+class WithTextPrior:
+    """Any model's scores + weight * lir_text's (the last history item's MiniLM cosine): Flare's
+    text_prior_weight applied to a model that lacks the option (Bert4Rec), for the like-for-like comparison."""
+
+    def __init__(self, model, embeddings, weight: float):
+        self.model, self.embeddings, self.weight = model, embeddings, weight
+        self.max_len = getattr(model, "max_len", None)
+
+    def score_all(self, batch):
+        from seqrec.eval.baselines import last_item_similarity
+
+        return self.model.score_all(batch) + self.weight * last_item_similarity(self.embeddings, batch)
+
+
+def bench_prior(args) -> None:
+    """Flare's text-similarity prior (text_prior_weight), selected on validation. Each --checkpoint is LABEL=DIR or
+    LABEL=DIR1,DIR2,... (one run's checkpoints): validation NDCG@10 (pes) for every checkpoint and weight of the
+    grid; validation picks the checkpoint at weight 0 (what training without the prior selects) and the pair
+    (checkpoint, weight) jointly (what training with the prior selects); test for both, all users and by target
+    frequency. Models without the option get the same formula (WithTextPrior)."""
+    import torch
+
+    from seqrec.eval.baselines import LastItemText
+    from seqrec.eval.evaluator import EvalSettings, evaluate
+    from seqrec.models.registry import load_model
+
+    torch.set_num_threads(args.threads)
+    dataset = load_scientific(Path(args.raw), Path(args.data_cache))
+    embeddings = LastItemText.from_dataset(dataset).emb
+    weights = [float(w) for w in args.weights.split(",")]
+    if 0.0 not in weights:
+        weights.insert(0, 0.0)
+    valid_rows = dataset.eval_rows("valid")
+    test_subsets = {"all": dataset.eval_rows("test"), **frequency_subsets(dataset, dataset.eval_rows("test"))}
+    result = {"weights": weights, "users": {k: len(v) for k, v in test_subsets.items()}, "models": {}}
+
+    def scorer(model, w):
+        if hasattr(model.config, "text_prior_weight"):  # the product path: Flare's own score_all
+            model.config.text_prior_weight = w
+            return model
+        return WithTextPrior(model, embeddings, w)
+
+    for spec in args.checkpoint:
+        label, _, paths = spec.partition("=")
+        valid = {}  # (checkpoint, weight) -> validation NDCG@10 pes
+        for path in paths.split(","):
+            model, meta = load_model(path, dataset=dataset)
+            for w in weights:
+                valid[(path, w)] = evaluate(scorer(model, w), valid_rows, dataset.n_items, EvalSettings()).metrics["ndcg@10/pes"]
+            print(f"{label} {Path(path).name}: valid NDCG@10 " + ", ".join(f"w={w:g} {valid[(path, w)]:.4f}" for w in weights))
+        plain = max((k for k in valid if k[1] == 0.0), key=lambda k: valid[k])
+        joint = max(valid, key=lambda k: (valid[k], -k[1]))  # ties: the smaller weight
+        entry = {"model": meta["model_name"], "native_option": hasattr(model.config, "text_prior_weight"),
+                 "valid_ndcg@10/pes": [{"checkpoint": p, "weight": w, "value": v} for (p, w), v in valid.items()],
+                 "selected": {}}
+        for name, (path, w) in (("without prior", plain), ("with prior", joint)):
+            model, _ = load_model(path, dataset=dataset)
+            test = {sub_name: evaluate(scorer(model, w), sub, dataset.n_items, EvalSettings()).metrics
+                    for sub_name, sub in test_subsets.items()}
+            entry["selected"][name] = {"checkpoint": path, "weight": w, "valid_ndcg@10/pes": valid[(path, w)], "test": test}
+            m = test["all"]
+            print(f"  {name}: {Path(path).name} w={w:g} valid {valid[(path, w)]:.4f} | test NDCG@10 {m['ndcg@10/pes']:.4f}"
+                  f" (opt {m['ndcg@10/opt']:.4f}) R@10 {m['recall@10/pes']:.4f} (opt {m['recall@10/opt']:.4f})"
+                  f" R@1 {m['recall@1/pes']:.4f} | by target frequency " +
+                  " / ".join(f"{test[k]['ndcg@10/pes']:.4f}" for k in test if k != "all"))
+        result["models"][label] = entry
+    write("prior", result)
+
+
 def bench_ablation(args) -> None:
     from seqrec.eval.evaluator import EvalSettings, evaluate, format_table
     from seqrec.models.registry import load_model
@@ -132,10 +213,7 @@ def bench_ablation(args) -> None:
 
     rows = dataset.eval_rows(args.split)
     subsets = {name: select_users(dataset, rows, name) for name in USER_SUBSETS}
-    # by how often the target occurs in the training sequences: where a text path helps (rare) and costs (popular)
-    counts = dataset.train_item_counts()[rows.targets]
-    for lo, hi in FREQUENCY_BUCKETS:
-        subsets[f"target-freq {lo}-{hi or ''}"] = rows.subset(np.flatnonzero((counts >= lo) & ((counts <= hi) if hi else True)))
+    subsets.update(frequency_subsets(dataset, rows))
     result, table = {"split": args.split, "users": {k: len(v) for k, v in subsets.items()}, "models": {}}, {}
     for spec in args.checkpoint:
         label, _, path = spec.partition("=")
@@ -173,8 +251,13 @@ def main() -> None:
     a = sub.add_parser("ablation")
     a.add_argument("--checkpoint", action="append", required=True, help="LABEL=CHECKPOINT_DIR (repeatable)")
     a.add_argument("--split", default="test", choices=["valid", "test"])
+    pr = sub.add_parser("prior")
+    pr.add_argument("--checkpoint", action="append", required=True,
+                    help="LABEL=CHECKPOINT_DIR or LABEL=DIR1,DIR2,... (one run's checkpoints; repeatable)")
+    pr.add_argument("--weights", default="0,1,2,3,4,6,8", help="text_prior_weight grid (comma-separated)")
+    pr.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    {"cache": bench_cache, "steps": bench_steps, "ablation": bench_ablation}[args.kind](args)
+    {"cache": bench_cache, "steps": bench_steps, "ablation": bench_ablation, "prior": bench_prior}[args.kind](args)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,35 @@ def test_evaluate_cli_critique_mode(demo_dataset, trained_tiny, tmp_path, capsys
     assert set(data["table"]) == {"none", "a", "b", "d"} and data["n_rows"] == 40
     with pytest.raises(SystemExit):
         main(["evaluate", "--dataset", str(demo_dataset.path), "--checkpoint", str(ckpt), "--critique", "a,q"])
+
+
+def test_evaluate_cli_model_param_sets_the_text_prior(demo_dataset, trained_tiny, tmp_path, capsys):
+    """--model-param overrides a checkpoint's scoring setting: text_prior_weight changes the ranking, is recorded
+    in the JSON, and malformed items or unknown keys are refused."""
+    import shutil
+
+    from seqrec.cli import main
+    from seqrec.models.registry import model_config_dict
+    from seqrec.train.checkpoint import save_model_files
+
+    model, cache = trained_tiny
+    ckpt = tmp_path / "ckpt"
+    save_model_files(model, ckpt, {"model_name": "flare", "model": model_config_dict(model), "n_items": demo_dataset.n_items})
+    if not (demo_dataset.path / "features").exists():
+        shutil.copytree(cache, demo_dataset.path / "features")
+    results = {}
+    for weight in (None, "3"):
+        out = tmp_path / f"eval_{weight}.json"
+        extra = ["--model-param", f"text_prior_weight={weight}"] if weight else []
+        assert main(["evaluate", "--dataset", str(demo_dataset.path), "--checkpoint", str(ckpt), "--split", "valid",
+                     "--out", str(out), *extra]) == 0
+        results[weight] = json.loads(out.read_text())
+    assert results["3"]["model_params"] == {"text_prior_weight": 3}
+    assert results[None]["model_params"] == {}
+    (plain,), (prior,) = (r["results"].values() for r in results.values())
+    assert plain["metrics"]["mrr/pes"] != prior["metrics"]["mrr/pes"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["evaluate", "--dataset", str(demo_dataset.path), "--checkpoint", str(ckpt), "--model-param", "oops"])
+    assert main(["evaluate", "--dataset", str(demo_dataset.path), "--checkpoint", str(ckpt), "--model-param",
+                 "no_such=1"]) != 0  # the CLI logs "model[flare]: unknown keys ['no_such']" and fails

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from seqrec.data.batching import make_batch
-from seqrec.models.flare import Flare, FlareConfig, flare_item_texts, info_nce_margin, load_flare_features
+from seqrec.models.flare import (Flare, FlareConfig, flare_item_texts, info_nce_margin, load_flare_features,
+                                 seq_text_loss)
 from seqrec.models.packing import pack_sequences
 from seqrec.models.perceiver import TYPE_CRITIQUE, TYPE_TEXT, PerceiverResampler
 
@@ -218,6 +219,33 @@ def test_loss_terms_alpha_mix_and_backward(demo_dataset, demo_features):
     off = _model(demo_dataset, demo_features, contrastive=False)
     t2 = off.loss_terms(batch, torch.Generator().manual_seed(1))
     assert "contrastive" not in t2 and t2["loss"].item() == t2["mlm"].item()
+
+
+def test_seq_text_loss_matches_hand_computation_and_adds_to_the_loss(demo_dataset, demo_features):
+    h = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    t = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
+    target = torch.tensor([2, 0])
+    tau = 0.1
+    expected = 0.0
+    for hm, j in zip(h.tolist(), target.tolist()):
+        logits = [(hm[0] * tv[0] + hm[1] * tv[1]) / (math.hypot(*hm) * math.hypot(*tv)) / tau for tv in t.tolist()]
+        expected += -(logits[j] - math.log(sum(math.exp(x) for x in logits)))
+    assert seq_text_loss(h, t, target, tau).item() == pytest.approx(expected / 2, rel=1e-6)
+
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
+    batch = packed.batch(np.arange(4))
+    model = _model(demo_dataset, demo_features, alpha=0.25, seq_text_weight=0.5)
+    terms = model.loss_terms(batch, torch.Generator().manual_seed(1))
+    assert terms["seq_text"].item() > 0
+    assert terms["loss"].item() == pytest.approx(
+        0.25 * terms["mlm"].item() + 0.75 * terms["contrastive"].item() + 0.5 * terms["seq_text"].item(), rel=1e-6)
+    terms["seq_text"].backward()  # trains both the sequence encoder and the text path
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.perceiver.in_proj.weight.grad.abs().sum() > 0
+    off = _model(demo_dataset, demo_features, alpha=0.25)
+    assert "seq_text" not in off.loss_terms(batch, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="seq_text"):
+        Flare(FlareConfig(**{**TINY, "seq_text_weight": 0.5, "use_text": False}), demo_dataset.n_items)
 
 
 def test_contrastive_id_grad_off_trains_only_the_text_path(demo_dataset, demo_features):
@@ -453,6 +481,41 @@ def test_cold_start_and_add_items(demo_dataset, demo_features):
     assert scores.shape == (3, n + 1) and torch.isfinite(scores).all()
     with pytest.raises(ValueError):
         model.add_items(tok[:, :, :5], mask)
+
+
+def test_text_prior_adds_the_last_items_encoder_cosine(demo_dataset, demo_features, tmp_path):
+    """text_prior_weight w: scores = the plain scores + w * cos(mean-pooled frozen features of the last history
+    item, of every item) = + w * lir_text's scores; settable on a saved checkpoint through load_model's params."""
+    from seqrec.eval.baselines import LastItemText
+    from seqrec.features.cache import dataset_features, pooled_tokens
+    from seqrec.models.registry import load_model, model_config_dict
+    from seqrec.train.checkpoint import save_model_files
+
+    model = _model(demo_dataset, demo_features).eval()
+    rows = demo_dataset.eval_rows("test")
+    batch = make_batch(rows.histories[:6] + [np.zeros(0, dtype=np.int64)], None, max_len=model.max_len)
+    plain = model.score_all(batch)
+    model.config.text_prior_weight = 2.5  # a scoring setting: the cached tables pick it up without retraining
+    prior = model.score_all(batch)
+    feats = dataset_features(demo_dataset, "minilm", 32, cache_dir=demo_features[0], use_ray=False)
+    x = feats.tokens.float() * feats.mask.unsqueeze(-1)  # hand-pooled: mean over real tokens, unit norm
+    x = torch.nn.functional.normalize(x.sum(1) / feats.mask.sum(1, keepdim=True), dim=-1)
+    assert torch.allclose(pooled_tokens(feats.tokens, feats.mask, chunk=3), x, atol=1e-6)
+    last = [int(h[-1]) if len(h) else None for h in rows.histories[:6]] + [None]
+    for i, item in enumerate(last):
+        expected = plain[i] + (2.5 * (x @ x[item]) if item is not None else 0.0)  # empty history: no prior
+        assert torch.allclose(prior[i], expected, atol=1e-4)
+    assert torch.allclose(prior - plain, 2.5 * LastItemText(x).score_all(batch), atol=1e-4)
+    model.config.text_prior_weight = 0.0
+    save_model_files(model, tmp_path, {"model_name": "flare", "model": model_config_dict(model), "n_items": demo_dataset.n_items})
+    data = demo_dataset
+    again, _ = load_model(tmp_path, params={"text_prior_weight": 2.5})
+    load_flare_features(again, data, cache_dir=demo_features[0], use_ray=False)
+    assert torch.allclose(again.score_all(batch), prior, atol=1e-4)
+    with pytest.raises(ValueError):
+        load_model(tmp_path, params={"no_such_setting": 1})
+    with pytest.raises(ValueError, match="text_prior_weight"):
+        Flare(FlareConfig(**{**TINY, "text_prior_weight": -1.0}), demo_dataset.n_items)
 
 
 def test_checkpoint_round_trip_keeps_features_out(demo_dataset, demo_features, tmp_path):

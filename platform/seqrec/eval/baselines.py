@@ -73,6 +73,14 @@ class LastItemBM25:
         return torch.from_numpy(np.asarray(self.index.score_batch(queries), dtype=np.float64))
 
 
+def last_item_similarity(embeddings: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, N) dot products of each row's last history item embedding with every item's: cosines when the
+    (N, D) embeddings are unit rows; 0 for an empty history. lir_text's scores and Flare's text prior."""
+    last = last_items(batch)
+    query = embeddings[last.clamp(min=0)] * (last >= 0).unsqueeze(1).to(embeddings.dtype)  # (B, D)
+    return query @ embeddings.T  # (B, N)
+
+
 class LastItemText:
     """All items ranked by cosine similarity of frozen-encoder (MiniLM) embeddings to the last item's."""
 
@@ -89,9 +97,7 @@ class LastItemText:
         return cls(pooled(dataset_features(dataset, encoder_name)))
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        last = last_items(batch)
-        query = self.emb[last.clamp(min=0)] * (last >= 0).unsqueeze(1)  # (B, D); empty history -> zeros
-        return query @ self.emb.T  # (B, N)
+        return last_item_similarity(self.emb, batch)
 
 
 class ItemTransition:

@@ -11,8 +11,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def build_scorer(name: str, dataset):
-    """A baseline by name, or a trained model from a checkpoint directory."""
+def build_scorer(name: str, dataset, params: dict | None = None):
+    """A baseline by name, or a trained model from a checkpoint directory (`params` override its saved model
+    config: --model-param)."""
     from seqrec.eval.baselines import BASELINES
 
     if name in BASELINES:
@@ -21,7 +22,7 @@ def build_scorer(name: str, dataset):
     if path.is_dir():
         from seqrec.models.registry import load_model
 
-        model, _ = load_model(path, dataset=dataset)  # Flare: text features; CALRec: item texts
+        model, _ = load_model(path, dataset=dataset, params=params)  # Flare: text features; CALRec: item texts
         return model
     raise ValueError(f"unknown model {name!r}: expected one of {sorted(BASELINES)} or a checkpoint directory")
 
@@ -39,7 +40,7 @@ def select_users(dataset, rows, users: str):
 
 
 def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, mask_history=False, memory_budget_mb=256.0,
-                   users="all"):
+                   users="all", model_params: dict | None = None):
     from seqrec.data.dataset import PreparedDataset
     from seqrec.eval.evaluator import EvalSettings, evaluate
 
@@ -53,7 +54,7 @@ def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, m
     settings = EvalSettings(mask_history=mask_history, memory_budget_mb=memory_budget_mb)
     results = {}
     for name in models:
-        scorer = build_scorer(name, dataset)
+        scorer = build_scorer(name, dataset, model_params)
         # a CALRec checkpoint ranks its samples two ways (QRR-BM25, hierarchical match): one entry each;
         # the samples are drawn once, so the first entry's seconds include the generation
         views = scorer.scorers() if hasattr(scorer, "scorers") else {getattr(scorer, "name", None) or Path(name).name: scorer}
@@ -77,9 +78,23 @@ def checkpoint_dataset(paths) -> str | None:
     return None
 
 
+def parse_model_params(items: list[str] | None) -> dict:
+    """--model-param KEY=VALUE items -> {KEY: value}, each value read as YAML (numbers, booleans, null)."""
+    import yaml
+
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--model-param expects KEY=VALUE, got {item!r}")
+        params[key.strip()] = yaml.safe_load(value)
+    return params
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from seqrec.eval.evaluator import format_table
 
+    args.model_params = parse_model_params(args.model_param)
     models = list(args.model or []) + list(args.checkpoint or [])
     if args.critique:
         from seqrec.eval.critique import run_critique_cli
@@ -93,7 +108,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if checkpoint_dataset(args.checkpoint or []) and "lir_bm25" not in models:
         models.append("lir_bm25")  # CALRec's reference baseline, reported beside it
     dataset, results = run_evaluation(
-        dataset_path, models, args.split, args.max_users, args.seed, args.mask_history, args.memory_budget_mb, args.users
+        dataset_path, models, args.split, args.max_users, args.seed, args.mask_history, args.memory_budget_mb, args.users,
+        args.model_params,
     )
     print(f"dataset {dataset.name}: {results[next(iter(results))]['n_rows']} {args.split} rows ({args.users} users), "
           f"{dataset.n_items} items, full ranking")
@@ -107,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(line)
     if args.out:
         out = {"dataset": str(dataset_path), "split": args.split, "users": args.users, "mask_history": args.mask_history,
-               "results": results}
+               "model_params": args.model_params, "results": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.out}")
@@ -129,6 +145,8 @@ def register(subparsers) -> None:
     p.add_argument("--mask-history", action="store_true", help="exclude history items (except the target) from ranking")
     p.add_argument("--memory-budget-mb", type=float, default=256.0, help="memory for one chunk of scores")
     p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--model-param", action="append", metavar="KEY=VALUE",
+                   help="override a checkpoint's model config for scoring, e.g. text_prior_weight=4 (Flare); repeatable")
     p.add_argument("--critique", default=None, metavar="VARIANTS",
                    help="critiquing mode for one Flare checkpoint: variants among a,b,c,d,e (comma-separated, or 'all')")
     p.add_argument("--category-source", default=None,

@@ -257,7 +257,7 @@ def run_critique_cli(args, models: list[str]) -> int:
     if not args.dataset:
         raise SystemExit("--critique needs --dataset")
     dataset = PreparedDataset.load(args.dataset)
-    model = build_scorer(models[0], dataset)
+    model = build_scorer(models[0], dataset, getattr(args, "model_params", None))
     if not getattr(model, "needs_item_features", False):
         raise SystemExit(f"{models[0]} is not a model with a text path; critiques need Flare T+ID")
     rows = dataset.eval_rows(args.split)

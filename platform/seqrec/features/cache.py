@@ -168,9 +168,18 @@ class FeatureCache:
 
 def pooled(features: ItemFeatures) -> torch.Tensor:
     """Mean over real tokens, L2-normalised: (N, D) float32 sentence embeddings."""
-    m = features.mask.unsqueeze(-1).float()
-    mean = (features.tokens.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
-    return torch.nn.functional.normalize(mean, dim=-1)
+    return pooled_tokens(features.tokens, features.mask)
+
+
+def pooled_tokens(tokens: torch.Tensor, mask: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N, T, D) token features with a (N, T) mask -> (N, D) float32 unit means over the real tokens, `chunk`
+    items at a time (the float32 copy of a whole catalog's tokens would be ~10x the fp16 features)."""
+    out = []
+    for lo in range(0, tokens.shape[0], chunk):
+        m = mask[lo : lo + chunk].unsqueeze(-1).float()
+        mean = (tokens[lo : lo + chunk].float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+        out.append(torch.nn.functional.normalize(mean, dim=-1))
+    return torch.cat(out) if out else tokens.new_zeros(0, tokens.shape[-1], dtype=torch.float32)
 
 
 def dataset_features(dataset, encoder_name: str = "minilm", max_tokens: int = 64, cache_dir=None, use_ray: bool = True,

@@ -30,6 +30,10 @@ Where this departs from / fills in the paper (and why):
   * Item token features are catalog data, not weights: they are not in the checkpoint. The config keeps the
     encoder name and token limit; `load_flare_features(model, dataset)` attaches them (training loop,
     evaluator CLI, serving).
+  * Text-similarity prior (`text_prior_weight`, our option, off by default): score_all adds w * cos(x_last, x_j)
+    of the frozen encoder's mean-pooled features (lir_text's score) to the ID scores, a scoring setting chosen
+    on validation; the trained text path ranks rare targets below what that similarity alone does.
+    `seq_text_weight` (our option, off) adds a sequence-to-text InfoNCE at the masked positions instead.
   * Item text: the dataset's key-value text (title, category, brand, price). `description_source` (our option,
     off by default) appends the first words of the LC-Rec description (`flare_item_texts`).
 """
@@ -46,6 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqrec.eval.baselines import last_item_similarity
+from seqrec.features.cache import pooled_tokens
 from seqrec.models.bert4rec import cloze_mask
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
 from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent, run_blocks
@@ -104,6 +110,22 @@ class FlareConfig:
     # contrastive term's overall weight. True: averaged over the weights' sum, so the remaining (rare) items keep
     # the contrastive strength they would have if the frequent items' rows were absent.
     frequent_weighted_mean: bool = False
+    # our option, not the paper's: a sequence-to-text InfoNCE at the masked positions (as UniSRec's
+    # sequence-item loss): cos(h, t_j) / seq_text_tau over the batch's unique items, the target's t positive.
+    # Why: the MLM softmax is over ID rows, so h learns to point at a rare item's text only from the few
+    # sequences where that item is the target; this term teaches "point at the next item's text" from every
+    # target, popular ones included, and rare items' output rows lie along their text (the ID-text InfoNCE).
+    # Total loss alpha * MLM + (1 - alpha) * contrastive + seq_text_weight * seq_text. 0 = off (the paper).
+    # Measured worse on flare_tid_scientific_freq (seed 1): validation NDCG@10 peaks at 0.0684 (weight 0.1) and
+    # 0.0661 (0.3) against 0.0723, and rare targets do not gain (README, Flare T+ID: "Sequence-to-text loss").
+    seq_text_weight: float = 0.0
+    seq_text_tau: float = 0.1
+    # our option, not the paper's: a text-similarity prior at scoring, score_j += text_prior_weight *
+    # cos(x_last, x_j), x the mean-pooled frozen-encoder features (exactly lir_text's score; not trained, a
+    # scoring setting chosen on validation). Why: on Scientific lir_text alone ranks rare targets (1-4 training
+    # occurrences) 2-3x better than the trained text path does (README, Flare T+ID: "Text-similarity prior");
+    # the Perceiver's two latents keep what the ID-text alignment needs, not the encoder's item-item similarity.
+    text_prior_weight: float = 0.0
     encoder: str = "minilm"  # frozen encoder name or local path (features come from the feature cache)
     max_text_tokens: int = 64
     # our option, not the paper's: append "Description: <first description_words words>" to each item's text,
@@ -139,6 +161,13 @@ def info_nce_margin(e: torch.Tensor, t: torch.Tensor, tau: float | torch.Tensor,
     if weighted_mean:
         return 0.5 * (rows * weight).sum() / weight.sum().clamp_min(1e-12)
     return 0.5 * (rows * weight).mean()
+
+
+def seq_text_loss(h: torch.Tensor, t: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy of cos(h_m, t_j) / tau over candidates j: h (M, D) masked-position states, t (U, D) the
+    batch's item texts, target (M,) each position's row in t."""
+    logits = F.normalize(h.float(), dim=-1) @ F.normalize(t.float(), dim=-1).t() / tau  # (M, U)
+    return F.cross_entropy(logits, target)
 
 
 # ---------------------------------------------------------------------------------------- critiques
@@ -333,6 +362,12 @@ class Flare(nn.Module):
         self.config = config
         if not 0.0 <= config.alpha <= 1.0 or config.tau <= 0:
             raise ValueError("flare: alpha must be in [0, 1] and tau > 0")
+        if config.seq_text_weight < 0 or config.seq_text_tau <= 0:
+            raise ValueError("flare: seq_text_weight must be >= 0 and seq_text_tau > 0")
+        if config.text_prior_weight < 0:
+            raise ValueError("flare: text_prior_weight must be >= 0")
+        if (config.seq_text_weight > 0 or config.text_prior_weight > 0) and not config.use_text:
+            raise ValueError("flare: seq_text_weight and text_prior_weight need the text path (use_text: true)")
         if (config.tau_frequent is not None and config.tau_frequent <= 0) or config.frequent_weight < 0:
             raise ValueError("flare: tau_frequent must be > 0 and frequent_weight >= 0")
         if config.critique_prob > 0 and not config.use_text:
@@ -546,6 +581,12 @@ class Flare(nn.Module):
                 con = self._contrastive(e_u, t_u[keep], uniq[keep])
                 terms["contrastive"] = con
                 loss = cfg.alpha * mlm + (1 - cfg.alpha) * con
+        if self.perceiver is not None and cfg.seq_text_weight > 0:
+            slot = torch.full(items.shape, -1, dtype=torch.long, device=dev)
+            slot[real] = inv  # (B, L) each real position's row in uniq
+            seq = seq_text_loss(h[masked], t_u, slot[masked], cfg.seq_text_tau)
+            terms["seq_text"] = seq
+            loss = loss + cfg.seq_text_weight * seq
         terms["loss"] = loss
         return terms
 
@@ -585,7 +626,8 @@ class Flare(nn.Module):
     @torch.no_grad()
     def _tables(self) -> dict[str, torch.Tensor]:
         """Cached for the whole catalog (eval only): t (N, D), output rows (N, D) and bias (N,)."""
-        if self._cache is not None and self._cache["out"].shape[0] == self.n_items:
+        if (self._cache is not None and self._cache["out"].shape[0] == self.n_items
+                and (self.config.text_prior_weight <= 0 or self._cache.get("prior") is not None)):
             return self._cache
         weight = self.id_table()
         n_new = self.n_items - self.n_id_items
@@ -607,7 +649,10 @@ class Flare(nn.Module):
             ref_b = bias[seen] if bool(seen.any()) else bias
             bias = torch.cat([bias, bias.new_zeros(n_new)])
             bias = torch.where(has_id, bias, ref_b.median())
-        self._cache = {"text": text, "out": out, "bias": bias}
+        self._cache = {"text": text, "out": out, "bias": bias, "prior": None}
+        if self.config.text_prior_weight > 0:
+            self._cache["prior"] = pooled_tokens(self.item_tokens, self.item_token_mask,
+                                                 self.config.text_chunk_items).to(weight.device)  # (N, Dt) unit rows
         return self._cache
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -649,7 +694,10 @@ class Flare(nn.Module):
         """(B, n_items) scores. Optional batch keys: critique_tokens (B, Tc, D) float, critique_mask (B, Tc) bool
         (an all-False row = no critique), or critique_hint (B, D) = `critique_hints` of those, precomputed."""
         tables = self._tables()
-        return chunked_scores(self.user_vectors(batch), tables["out"], tables["bias"])  # (B, V)
+        scores = chunked_scores(self.user_vectors(batch), tables["out"], tables["bias"])  # (B, V)
+        if self.config.text_prior_weight > 0:
+            scores += self.config.text_prior_weight * last_item_similarity(tables["prior"], batch).to(scores.dtype)
+        return scores
 
 
 def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

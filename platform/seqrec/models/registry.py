@@ -98,11 +98,15 @@ def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True,
 
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dataset=None,
-               use_ray: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+               use_ray: bool = True, params: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, config.json contents) from a checkpoint directory written by training; with
-    `dataset` (a PreparedDataset), also bound to that catalog (bind_dataset)."""
+    `dataset` (a PreparedDataset), also bound to that catalog (bind_dataset). `params` override the saved model
+    config (scoring settings such as Flare's text_prior_weight; a key the config lacks is an error, and one
+    that changes the architecture fails to load the weights)."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = json.loads((checkpoint_dir / CONFIG_FILE).read_text())
+    if params:
+        meta["model"] = {**meta["model"], **params}
     model = build_model(meta["model_name"], meta["model"], int(meta["n_items"]))
     load_state_dict_into(model, checkpoint_dir / WEIGHTS_FILE)
     if dataset is not None:
