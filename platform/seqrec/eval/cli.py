@@ -78,23 +78,15 @@ def checkpoint_dataset(paths) -> str | None:
     return None
 
 
-def parse_model_params(items: list[str] | None) -> dict:
-    """--model-param KEY=VALUE items -> {KEY: value}, each value read as YAML (numbers, booleans, null)."""
-    import yaml
-
-    params = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--model-param expects KEY=VALUE, got {item!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from seqrec.eval.evaluator import format_table
 
-    args.model_params = parse_model_params(args.model_param)
+    from seqrec.config import parse_overrides
+
+    try:  # the same KEY=VALUE parsing (values as YAML) as `seqrec train --set`
+        args.model_params = parse_overrides(args.model_param)
+    except ValueError as e:
+        raise SystemExit(f"--model-param expects KEY=VALUE: {e}") from None
     models = list(args.model or []) + list(args.checkpoint or [])
     if args.critique:
         from seqrec.eval.critique import run_critique_cli
