@@ -4,12 +4,12 @@
     # then run again: the second run must encode 0 items
     python benchmarks/bench_flare.py cache [--encoder minilm] [--max-tokens 64]
     # per-step training time of a Flare config (single process, same model/packing/optimizer as Ray Train)
-    python benchmarks/bench_flare.py steps --config flare_tid_scientific_cpu --steps 10
+    python benchmarks/bench_flare.py steps --config flare_tid_scientific --steps 10
     # test metrics of trained checkpoints on all users, on cold-start users (target never in training) and by how
     # often the target occurs in training (1-4, 5-19, 20+)
     python benchmarks/bench_flare.py ablation --checkpoint "T+ID=runs/train/.../checkpoint_..." --checkpoint ...
-    # the text-similarity prior (Flare's text_prior_weight; the same formula for other models): checkpoint and
-    # weight chosen on validation, test without and with it, all users and by target frequency
+    # the text-similarity prior (text_prior_weight of Flare, Bert4Rec and SASRec; models/text_prior.py):
+    # checkpoint and weight chosen on validation, test without and with it, all users and by target frequency
     python benchmarks/bench_flare.py prior --checkpoint "Flare=runs/train/x/checkpoint_A,runs/train/x/checkpoint_B" \
         --weights 0,1,2,4,8
 
@@ -135,35 +135,19 @@ def frequency_subsets(dataset, rows) -> dict:
             for lo, hi in FREQUENCY_BUCKETS}
 
 
-class WithTextPrior:
-    """Any model's scores + weight * lir_text's (the last history item's MiniLM cosine): Flare's
-    text_prior_weight applied to a model that lacks the option (Bert4Rec), for the like-for-like comparison."""
-
-    def __init__(self, model, embeddings, weight: float):
-        self.model, self.embeddings, self.weight = model, embeddings, weight
-        self.max_len = getattr(model, "max_len", None)
-
-    def score_all(self, batch):
-        from seqrec.eval.baselines import last_item_similarity
-
-        return self.model.score_all(batch) + self.weight * last_item_similarity(self.embeddings, batch)
-
-
 def bench_prior(args) -> None:
-    """Flare's text-similarity prior (text_prior_weight), selected on validation. Each --checkpoint is LABEL=DIR or
+    """The text-similarity prior (text_prior_weight), selected on validation. Each --checkpoint is LABEL=DIR or
     LABEL=DIR1,DIR2,... (one run's checkpoints): validation NDCG@10 (pes) for every checkpoint and weight of the
     grid; validation picks the checkpoint at weight 0 (what training without the prior selects) and the pair
     (checkpoint, weight) jointly (what training with the prior selects); test for both, all users and by target
-    frequency. Models without the option get the same formula (WithTextPrior)."""
+    frequency."""
     import torch
 
-    from seqrec.eval.baselines import LastItemText
     from seqrec.eval.evaluator import EvalSettings, evaluate
     from seqrec.models.registry import load_model
 
     torch.set_num_threads(args.threads)
     dataset = load_scientific(Path(args.raw), Path(args.data_cache))
-    embeddings = LastItemText.from_dataset(dataset).emb
     weights = [float(w) for w in args.weights.split(",")]
     if 0.0 not in weights:
         weights.insert(0, 0.0)
@@ -171,27 +155,27 @@ def bench_prior(args) -> None:
     test_subsets = {"all": dataset.eval_rows("test"), **frequency_subsets(dataset, dataset.eval_rows("test"))}
     result = {"weights": weights, "users": {k: len(v) for k, v in test_subsets.items()}, "models": {}}
 
+    def loaded(path):  # bound with a weight > 0 so the prior's table is attached; the weight is then a setting
+        return load_model(path, dataset=dataset, params={"text_prior_weight": max(weights)})
+
     def scorer(model, w):
-        if hasattr(model.config, "text_prior_weight"):  # the product path: Flare's own score_all
-            model.config.text_prior_weight = w
-            return model
-        return WithTextPrior(model, embeddings, w)
+        model.config.text_prior_weight = w
+        return model
 
     for spec in args.checkpoint:
         label, _, paths = spec.partition("=")
         valid = {}  # (checkpoint, weight) -> validation NDCG@10 pes
         for path in paths.split(","):
-            model, meta = load_model(path, dataset=dataset)
+            model, meta = loaded(path)
             for w in weights:
                 valid[(path, w)] = evaluate(scorer(model, w), valid_rows, dataset.n_items, EvalSettings()).metrics["ndcg@10/pes"]
             print(f"{label} {Path(path).name}: valid NDCG@10 " + ", ".join(f"w={w:g} {valid[(path, w)]:.4f}" for w in weights))
         plain = max((k for k in valid if k[1] == 0.0), key=lambda k: valid[k])
         joint = max(valid, key=lambda k: (valid[k], -k[1]))  # ties: the smaller weight
-        entry = {"model": meta["model_name"], "native_option": hasattr(model.config, "text_prior_weight"),
-                 "valid_ndcg@10/pes": [{"checkpoint": p, "weight": w, "value": v} for (p, w), v in valid.items()],
-                 "selected": {}}
+        entry = {"model": meta["model_name"], "selected": {},
+                 "valid_ndcg@10/pes": [{"checkpoint": p, "weight": w, "value": v} for (p, w), v in valid.items()]}
         for name, (path, w) in (("without prior", plain), ("with prior", joint)):
-            model, _ = load_model(path, dataset=dataset)
+            model, _ = loaded(path)
             test = {sub_name: evaluate(scorer(model, w), sub, dataset.n_items, EvalSettings()).metrics
                     for sub_name, sub in test_subsets.items()}
             entry["selected"][name] = {"checkpoint": path, "weight": w, "valid_ndcg@10/pes": valid[(path, w)], "test": test}
@@ -243,7 +227,7 @@ def main() -> None:
     c.add_argument("--num-cpus", type=int, default=2)
     c.add_argument("--cache-dir", default=None, help="cache directory (default: a fresh temporary one)")
     s = sub.add_parser("steps")
-    s.add_argument("--config", default="flare_tid_scientific_cpu")
+    s.add_argument("--config", default="flare_tid_scientific")
     s.add_argument("--set", action="append", default=[], help="key=value config override (repeatable)")
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--warmup", type=int, default=2)

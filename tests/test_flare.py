@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from seqrec.data.batching import make_batch
-from seqrec.models.flare import (Flare, FlareConfig, flare_item_texts, info_nce_margin, load_flare_features,
-                                 seq_text_loss)
+from seqrec.models.flare import Flare, FlareConfig, info_nce_margin, load_flare_features
 from seqrec.models.packing import pack_sequences
 from seqrec.models.perceiver import TYPE_CRITIQUE, TYPE_TEXT, PerceiverResampler
 
@@ -106,15 +105,7 @@ def test_perceiver_output_starts_on_the_id_embedding_scale():
     t = p(torch.randn(64, 20, 384), torch.ones(64, 20, dtype=torch.bool), torch.full((64, 20), TYPE_TEXT))
     id_norm = init_std * dim**0.5  # 0.28
     assert 0.5 * id_norm < float(t.norm(dim=-1).median()) < 2.0 * id_norm
-    # fixed_norm: every output has exactly the one learned norm, which starts at the ID scale
-    p = PerceiverResampler(in_dim=384, dim=dim, out_dim=dim, n_latents=2, layers=1, heads=8, dropout=0.0,
-                           attn_dropout=0.0, init_std=init_std, fixed_norm=True).eval()
-    t = p(torch.randn(64, 20, 384), torch.ones(64, 20, dtype=torch.bool), torch.full((64, 20), TYPE_TEXT))
-    assert torch.allclose(t.norm(dim=-1), torch.full((64,), id_norm), rtol=1e-4)
-    with torch.no_grad():
-        p.out_norm.fill_(1.5)
-    assert torch.allclose(p(torch.randn(3, 5, 384), torch.ones(3, 5, dtype=torch.bool),
-                            torch.zeros(3, 5, dtype=torch.long)).norm(dim=-1), torch.full((3,), 1.5), rtol=1e-4)
+    assert "out_norm" not in p.state_dict()  # free norm: nothing extra saved
     # norm_value: a constant norm, a buffer (saved with the weights) and not a trained parameter
     p = PerceiverResampler(in_dim=384, dim=dim, out_dim=dim, n_latents=2, layers=1, heads=8, dropout=0.0,
                            attn_dropout=0.0, init_std=init_std, norm_value=0.4).eval()
@@ -149,42 +140,36 @@ def test_info_nce_margin_matches_hand_computation():
     assert info_nce_margin(e, t, tau, m).item() > info_nce_margin(e, t, tau, 0.0).item()
 
 
-def test_info_nce_margin_per_item_tau_and_weight_match_hand_computation():
-    """Per-item temperature divides both of the item's rows; weights scale its two row losses, mean over U."""
+def test_info_nce_margin_row_weights_match_hand_computation():
+    """Weights scale each item's two row losses; the mean stays over U (unit weights: the plain loss)."""
     e = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     t = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, -1.0]])
-    taus, w, m = [0.3, 0.1, 0.3], [1.0, 0.5, 1.0], 0.2
+    tau, w, m = 0.3, [1.0, 0.5, 0.0], 0.2
     en = [[x / math.hypot(*v) for x in v] for v in e.tolist()]
     tn = [[x / math.hypot(*v) for x in v] for v in t.tolist()]
 
     def row(q, k, i):
-        logits = [(q[i][0] * k[j][0] + q[i][1] * k[j][1] - (m if i == j else 0.0)) / taus[i] for j in range(3)]
+        logits = [(q[i][0] * k[j][0] + q[i][1] * k[j][1] - (m if i == j else 0.0)) / tau for j in range(3)]
         return -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
 
     expected = 0.5 * sum(w[i] * (row(en, tn, i) + row(tn, en, i)) for i in range(3)) / 3
-    got = info_nce_margin(e, t, torch.tensor(taus), m, torch.tensor(w)).item()
+    got = info_nce_margin(e, t, tau, m, torch.tensor(w)).item()
     assert got == pytest.approx(expected, rel=1e-6)
-    # weighted_mean: the same weighted sum over the weights' sum (2.5) instead of U (3); all-zero weights give 0
-    got = info_nce_margin(e, t, torch.tensor(taus), m, torch.tensor(w), weighted_mean=True).item()
-    assert got == pytest.approx(expected * 3 / 2.5, rel=1e-6)
-    assert info_nce_margin(e, t, 0.3, m, torch.zeros(3), weighted_mean=True).item() == 0.0
-    # one tau for all and unit weights is the plain loss
-    same = info_nce_margin(e, t, torch.full((3,), 0.3), m, torch.ones(3)).item()
-    assert same == pytest.approx(info_nce_margin(e, t, 0.3, m).item(), rel=1e-6)
+    same = info_nce_margin(e, t, tau, m, torch.ones(3)).item()
+    assert same == pytest.approx(info_nce_margin(e, t, tau, m).item(), rel=1e-6)
 
 
 def test_frequent_item_contrastive_uses_training_counts(demo_dataset, demo_features):
-    """tau_frequent / frequent_weight apply to items with >= frequent_min_count training occurrences only: with
-    the threshold above every count the loss is the plain one; a zero weight for frequent items equals the plain
-    loss with those rows left out of the mean's numerator."""
+    """frequent_weight applies to items with >= frequent_min_count training occurrences only: with the threshold
+    above every count the loss is the plain one; a zero weight for frequent items equals the plain loss with
+    those rows left out of the mean's numerator."""
     packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
     batch = packed.batch(np.arange(4))
     counts = torch.as_tensor(demo_dataset.train_item_counts())
     plain = _model(demo_dataset, demo_features)
     assert torch.equal(plain.id_count, counts.float()) and torch.equal(plain.id_seen, counts > 0)
     base = plain.loss_terms(batch, torch.Generator().manual_seed(1))["contrastive"].item()
-    never = _model(demo_dataset, demo_features, tau_frequent=0.1, frequent_weight=0.0,
-                   frequent_min_count=int(counts.max()) + 1)
+    never = _model(demo_dataset, demo_features, frequent_weight=0.0, frequent_min_count=int(counts.max()) + 1)
     assert never.loss_terms(batch, torch.Generator().manual_seed(1))["contrastive"].item() == pytest.approx(base, rel=1e-6)
     threshold = int(counts[counts > 0].median())
     model = _model(demo_dataset, demo_features, frequent_weight=0.0, frequent_min_count=threshold)
@@ -199,13 +184,8 @@ def test_frequent_item_contrastive_uses_training_counts(demo_dataset, demo_featu
         t = model._item_text(uniq)
     # the same loss from the function with explicit weights (eval mode: the Perceiver's dropout is 0 in TINY)
     assert got == pytest.approx(info_nce_margin(e, t, model.config.tau, model.config.margin, weight).item(), rel=1e-5)
-    # frequent_weighted_mean: the same rows averaged over the rare items only
-    model.config.frequent_weighted_mean = True
-    model.train()
-    got_w = model.loss_terms(batch, torch.Generator().manual_seed(1))["contrastive"].item()
-    assert got_w == pytest.approx(got * len(weight) / weight.sum().item(), rel=1e-5)
-    with pytest.raises(ValueError, match="tau_frequent"):
-        Flare(FlareConfig(**{**TINY, "tau_frequent": 0.0}), demo_dataset.n_items)
+    with pytest.raises(ValueError, match="frequent_weight"):
+        Flare(FlareConfig(**{**TINY, "frequent_weight": -1.0}), demo_dataset.n_items)
 
 
 def test_loss_terms_alpha_mix_and_backward(demo_dataset, demo_features):
@@ -219,78 +199,6 @@ def test_loss_terms_alpha_mix_and_backward(demo_dataset, demo_features):
     off = _model(demo_dataset, demo_features, contrastive=False)
     t2 = off.loss_terms(batch, torch.Generator().manual_seed(1))
     assert "contrastive" not in t2 and t2["loss"].item() == t2["mlm"].item()
-
-
-def test_seq_text_loss_matches_hand_computation_and_adds_to_the_loss(demo_dataset, demo_features):
-    h = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
-    t = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
-    target = torch.tensor([2, 0])
-    tau = 0.1
-    expected = 0.0
-    for hm, j in zip(h.tolist(), target.tolist()):
-        logits = [(hm[0] * tv[0] + hm[1] * tv[1]) / (math.hypot(*hm) * math.hypot(*tv)) / tau for tv in t.tolist()]
-        expected += -(logits[j] - math.log(sum(math.exp(x) for x in logits)))
-    assert seq_text_loss(h, t, target, tau).item() == pytest.approx(expected / 2, rel=1e-6)
-
-    packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
-    batch = packed.batch(np.arange(4))
-    model = _model(demo_dataset, demo_features, alpha=0.25, seq_text_weight=0.5)
-    terms = model.loss_terms(batch, torch.Generator().manual_seed(1))
-    assert terms["seq_text"].item() > 0
-    assert terms["loss"].item() == pytest.approx(
-        0.25 * terms["mlm"].item() + 0.75 * terms["contrastive"].item() + 0.5 * terms["seq_text"].item(), rel=1e-6)
-    terms["seq_text"].backward()  # trains both the sequence encoder and the text path
-    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    assert model.perceiver.in_proj.weight.grad.abs().sum() > 0
-    off = _model(demo_dataset, demo_features, alpha=0.25)
-    assert "seq_text" not in off.loss_terms(batch, torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="seq_text"):
-        Flare(FlareConfig(**{**TINY, "seq_text_weight": 0.5, "use_text": False}), demo_dataset.n_items)
-
-
-def test_contrastive_id_grad_off_trains_only_the_text_path(demo_dataset, demo_features):
-    """contrastive_id_grad=False: the contrastive term sends no gradient into the ID table, the same value, and
-    still trains the Perceiver; the default sends gradient into both."""
-    packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
-    batch = packed.batch(np.arange(4))
-    grads = {}
-    for flag in (True, False):
-        model = _model(demo_dataset, demo_features, contrastive_id_grad=flag).train()
-        terms = model.loss_terms(batch, torch.Generator().manual_seed(1))
-        terms["contrastive"].backward()
-        grads[flag] = (terms["contrastive"].item(), model.encoder.item_emb.weight.grad,
-                       model.perceiver.in_proj.weight.grad)
-    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
-    assert grads[True][1] is not None and grads[True][1].abs().sum() > 0
-    assert grads[False][1] is None or grads[False][1].abs().sum() == 0
-    assert grads[False][2].abs().sum() > 0
-
-
-def test_output_residual_starts_tied_and_stays_out_of_the_contrastive_loss(demo_dataset, demo_features):
-    """output_residual: r starts at zero (same losses and scores as the tied model), the contrastive term sends it
-    no gradient, the MLM term does, and the output rows are e + r."""
-    packed = pack_sequences(demo_dataset.train_sequences(), 64, TINY["max_len"] + 1, False, np.random.default_rng(0))
-    batch = packed.batch(np.arange(4))
-    tied = _model(demo_dataset, demo_features).train()
-    res = _model(demo_dataset, demo_features, output_residual=True).train()
-    assert res.out_residual.shape == (demo_dataset.n_items, TINY["dim"]) and not res.out_residual.any()
-    t_tied = tied.loss_terms(batch, torch.Generator().manual_seed(1))
-    t_res = res.loss_terms(batch, torch.Generator().manual_seed(1))
-    assert t_res["loss"].item() == pytest.approx(t_tied["loss"].item(), rel=1e-6)
-    t_res["contrastive"].backward(retain_graph=True)
-    assert res.out_residual.grad is None or res.out_residual.grad.abs().sum() == 0
-    t_res["mlm"].backward()
-    assert res.out_residual.grad.abs().sum() > 0
-    with torch.no_grad():
-        res.out_residual.normal_()
-    e = res.encoder.item_emb.weight[1 : demo_dataset.n_items + 1]
-    assert torch.allclose(res.id_table(), e + res.out_residual)
-    rows = demo_dataset.eval_rows("test")
-    batch = make_batch(rows.histories[:3], rows.targets[:3], max_len=res.max_len)
-    res.eval()
-    user = res.user_vectors(batch)  # (3, D)
-    expected = user @ (e + res.out_residual).T + res.out_bias
-    assert torch.allclose(res.score_all(batch), expected, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- masking rules
@@ -434,29 +342,12 @@ def test_feature_cache_invalidation_on_text_change(demo_dataset, demo_features, 
     assert not torch.allclose(model._tables()["text"][5], t_before)
 
 
-def test_description_source_appends_matched_descriptions(demo_dataset, tmp_path):
-    """description_source: an LC-Rec item whose normalised title matches gets its first description_words words
-    appended; items without a match or with an empty description keep their text; a wrong path is an error."""
-    import json
-
+def test_dataset_features_need_one_text_per_item(demo_dataset, tmp_path):
     from seqrec.features.cache import dataset_features
 
-    titles = demo_dataset.items.column("title").to_pylist()
-    texts = demo_dataset.item_texts()
-    lc = tmp_path / "lc"
-    lc.mkdir()
-    records = {"A1": {"title": titles[0].upper() + " ", "description": "<b>Very</b> sharp lens for  daylight work."},
-               "A2": {"title": titles[1], "description": ""},
-               "A3": {"title": "no such item", "description": "never used"}}
-    (lc / "Demo.item.json").write_text(json.dumps(records), encoding="utf-8")
-    out = flare_item_texts(demo_dataset, FlareConfig(description_source=str(lc), description_words=3))
-    assert out[0] == texts[0] + " Description: Very sharp lens"
-    assert out[1:] == texts[1:]
-    assert flare_item_texts(demo_dataset, FlareConfig()) == texts
-    with pytest.raises(FileNotFoundError, match="description_source"):
-        flare_item_texts(demo_dataset, FlareConfig(description_source=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="texts for"):
-        dataset_features(demo_dataset, "minilm", 32, cache_dir=tmp_path / "c", use_ray=False, texts=texts[:-1])
+        dataset_features(demo_dataset, "minilm", 32, cache_dir=tmp_path / "c", use_ray=False,
+                         texts=demo_dataset.item_texts()[:-1])
 
 
 def test_cold_start_and_add_items(demo_dataset, demo_features):
@@ -479,6 +370,16 @@ def test_cold_start_and_add_items(demo_dataset, demo_features):
     batch = make_batch(rows.histories[:2] + [np.array([n, 3])], None, max_len=model.max_len)
     scores = model.score_all(batch)  # a history containing the new item works; it is rankable at once
     assert scores.shape == (3, n + 1) and torch.isfinite(scores).all()
+    # the text prior covers the new item too (its table is pooled from the grown features)
+    from seqrec.data.batching import last_items
+    from seqrec.features.cache import pooled_tokens
+
+    model.config.text_prior_weight = 1.5
+    x = pooled_tokens(model.item_tokens, model.item_token_mask)  # (n + 1, Dt)
+    last = last_items(batch)
+    assert last[2] == 3 and bool((last >= 0).all())
+    assert torch.allclose(model.score_all(batch) - scores, 1.5 * x[last] @ x.T, atol=1e-4)
+    model.config.text_prior_weight = 0.0
     with pytest.raises(ValueError):
         model.add_items(tok[:, :, :5], mask)
 
@@ -536,6 +437,20 @@ def test_checkpoint_round_trip_keeps_features_out(demo_dataset, demo_features, t
     rows = demo_dataset.eval_rows("valid")
     batch = make_batch(rows.histories[:8], None, max_len=model.max_len)
     assert torch.allclose(model.score_all(batch), again.score_all(batch), atol=1e-5)
+    # a checkpoint saved before options were removed (issue #32) holds them at their defaults: it loads as before;
+    # one trained with a removed option on is refused
+    import json
+
+    meta_path = tmp_path / "config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"].update(Flare.RETIRED_OPTIONS)
+    meta_path.write_text(json.dumps(meta))
+    old, _ = load_model(tmp_path)
+    assert not hasattr(old.config, "output_residual")
+    meta["model"]["output_residual"] = True
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="output_residual"):
+        load_model(tmp_path)
 
 
 def test_load_model_keeps_the_checkpoint_trained_ids(demo_dataset, demo_features, tmp_path):

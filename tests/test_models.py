@@ -232,6 +232,72 @@ def test_model_smoke_learns(name):
     assert 24 in scores[0].topk(3).indices.tolist()  # learnt "i -> i+1"
 
 
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_text_prior_adds_the_last_items_encoder_cosine(name, demo_dataset, tmp_path):
+    """text_prior_weight w (models/text_prior.py): score_all = score_all at weight 0 + w * cos(mean-pooled MiniLM
+    features of the last history item, of every item) = + w * lir_text's scores; an empty history adds nothing.
+    Off, score_all is untouched. The table is catalog data: load_model's params attach it to a checkpoint saved
+    at weight 0, from the feature cache (a second binding encodes nothing), and it is never saved. ~4 s each."""
+    from safetensors.torch import load_file
+
+    from seqrec.eval.baselines import LastItemText
+    from seqrec.features.cache import FeatureCache, dataset_features
+    from seqrec.models.chunked_softmax import chunked_scores
+    from seqrec.models.registry import load_model, model_config_dict
+    from seqrec.train.checkpoint import save_model_files
+
+    n = demo_dataset.n_items
+    torch.manual_seed(0)
+    model = build_model(name, TINY, n).eval()
+    rows = demo_dataset.eval_rows("test")
+    batch = make_batch(rows.histories[:6] + [np.zeros(0, dtype=np.int64)], None, max_len=model.max_len)
+    plain = model.score_all(batch)
+    assert torch.equal(plain, chunked_scores(model.user_vectors(batch), model.item_table(), model.out_bias))
+    save_model_files(model, tmp_path / "ckpt", {"model_name": name, "model": model_config_dict(model), "n_items": n})
+
+    again, meta = load_model(tmp_path / "ckpt", dataset=demo_dataset, use_ray=False, params={"text_prior_weight": 2.5})
+    assert meta["model"]["text_prior_weight"] == 2.5 and again.text_prior.table.shape == (n, 384)
+    prior = again.score_all(batch)
+    feats = dataset_features(demo_dataset, "minilm", 64, use_ray=False)  # the cache the binding filled
+    x = feats.tokens.float() * feats.mask.unsqueeze(-1)  # hand-pooled: mean over real tokens, unit norm
+    x = torch.nn.functional.normalize(x.sum(1) / feats.mask.sum(1, keepdim=True), dim=-1)
+    for i, h in enumerate(rows.histories[:6]):
+        assert torch.allclose(prior[i], plain[i] + 2.5 * (x @ x[int(h[-1])]), atol=1e-5)
+    assert torch.equal(prior[6], plain[6])  # empty history: no prior
+    assert torch.allclose(prior - plain, 2.5 * LastItemText(x).score_all(batch), atol=1e-5)
+    assert set(again.state_dict()) == set(model.state_dict())
+    assert not any("prior" in k for k in load_file(str(tmp_path / "ckpt" / "model.safetensors")))
+
+    cache = FeatureCache(demo_dataset.path / "features", "minilm", 64)
+    parts = sorted(cache.dir.glob("part-*.parquet"))
+    other, _ = load_model(tmp_path / "ckpt", dataset=demo_dataset, use_ray=False, params={"text_prior_weight": 1.0})
+    assert sorted(cache.dir.glob("part-*.parquet")) == parts  # re-binding read the cache, encoded nothing
+    assert torch.allclose(other.score_all(batch) - plain, (prior - plain) / 2.5, atol=1e-5)
+    # seqrec evaluate --model-param: the same binding (the cache is full, so no Ray job starts)
+    import json
+
+    from seqrec.cli import main
+    from seqrec.eval.evaluator import EvalSettings, evaluate
+
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--dataset", str(demo_dataset.path), "--checkpoint", str(tmp_path / "ckpt"), "--split",
+                 "valid", "--model-param", "text_prior_weight=2.5", "--out", str(out)]) == 0
+    (cli,) = json.loads(out.read_text())["results"].values()
+    expected = evaluate(again, demo_dataset.eval_rows("valid"), n, EvalSettings()).metrics
+    assert cli["metrics"] == pytest.approx(expected, abs=1e-12)
+    # serving binds through load_model too: a checkpoint saved with the weight ranks with the prior
+    from seqrec.serve.core import load_for_serving
+
+    save_model_files(again, tmp_path / "ckpt_prior", {"model_name": name, "model": model_config_dict(again), "n_items": n})
+    served = load_for_serving(str(tmp_path / "ckpt_prior"), str(demo_dataset.path))
+    assert torch.equal(served.model.score_all(batch), prior)
+    unbound, _ = load_model(tmp_path / "ckpt", params={"text_prior_weight": 1.0})
+    with pytest.raises(RuntimeError, match="bind"):
+        unbound.score_all(batch)
+    with pytest.raises(ValueError, match="text_prior_weight"):
+        build_model(name, {**TINY, "text_prior_weight": -1.0}, n)
+
+
 def test_untied_bert4rec_has_own_output():
     model = build_model("bert4rec", {**TINY, "tied_output": False}, 40)
     assert model.item_table().data_ptr() != model.encoder.item_emb.weight.data_ptr()
@@ -263,12 +329,13 @@ def test_state_dict_roundtrip_keeps_tied_and_flat_views(tmp_path):
 
 def test_shipped_train_configs_parse_and_build():
     """Every shipped training config is a valid ExperimentConfig whose model builds (tiny catalog)."""
-    from seqrec.config import CONFIG_DIR, load_config
+    from seqrec.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path
     from seqrec.train.config import ExperimentConfig
 
     names = sorted(p.stem for p in (CONFIG_DIR / "train").glob("*.yaml"))
-    assert {"sasrec_scientific", "bert4rec_scientific", "tiny_demo"} <= set(names)
-    assert {f"flare_id_{d}" for d in ("games", "office", "scientific", "music", "arts", "pets")} <= set(names)
+    assert {"sasrec_scientific", "bert4rec_scientific", "flare_tid_scientific", "tiny_demo"} <= set(names)
+    for family in ("flare_id", "flare_tid"):  # the FLARE paper's per-dataset tables
+        assert {f"{family}_paper_{d}" for d in ("games", "office", "scientific", "music", "arts", "pets")} <= set(names)
     from seqrec.train.staged_loop import is_staged_config, load_staged_config
 
     for name in names:
@@ -278,7 +345,9 @@ def test_shipped_train_configs_parse_and_build():
         cfg = load_config(ExperimentConfig, name, subdir="train")
         model = build_model(cfg.model.name, cfg.model.params, 10)
         assert hasattr(model, "loss") and hasattr(model, "score_all")
-    pets = load_config(ExperimentConfig, "flare_id_pets", subdir="train")
+    for name in names:  # a shipped config's name is its file's (runs and records are named after it)
+        assert read_yaml(resolve_config_path(name, "train")).get("name", name) == name, name
+    pets = load_config(ExperimentConfig, "flare_id_paper_pets", subdir="train")
     assert (pets.model.params["dim"], pets.train.batch_size, pets.train.steps, pets.train.lr) == (1024, 32, 10000, 1e-4)
 
 

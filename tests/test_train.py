@@ -190,6 +190,23 @@ def test_ema_checkpoints_hold_the_average_and_resume_exactly(ray_session, demo_d
         assert torch.equal(v, state2["live_weights"][k]), k
 
 
+def test_validation_scores_with_the_text_prior(ray_session, demo_dataset, tmp_path):
+    """model.params.text_prior_weight > 0 (SASRec): the driver fills the prior's feature cache, the worker binds the
+    table, and validation (which selects the checkpoint) scores with the prior on: the best checkpoint, bound to
+    its dataset, reproduces the worker's validation score; without the prior the same weights score otherwise."""
+    summary = run_experiment(_cfg(demo_dataset, tmp_path, **{"train.steps": 4, "train.eval_every": 2,
+                                                             "run.name": "prior", "model.params.text_prior_weight": 2.0}))
+    best = Path(summary["best_checkpoint"])
+    worker_score = torch.load(best / "train_state.pt", weights_only=True)["state"]["best_score"]
+    rows = demo_dataset.eval_rows("valid")
+    model, meta = load_model(best, dataset=demo_dataset, use_ray=False)
+    assert meta["model"]["text_prior_weight"] == 2.0
+    with_prior = evaluate(model, rows, demo_dataset.n_items, EvalSettings()).metrics["ndcg@10/pes"]
+    assert with_prior == pytest.approx(worker_score, abs=1e-9)
+    off, _ = load_model(best, dataset=demo_dataset, use_ray=False, params={"text_prior_weight": 0.0})
+    assert evaluate(off, rows, demo_dataset.n_items, EvalSettings()).metrics["ndcg@10/pes"] != with_prior
+
+
 def test_refit_dataset_moves_validation_targets_into_training(demo_dataset):
     from seqrec.data.dataset import _list_column, refit_dataset
 

@@ -8,7 +8,7 @@ import sys
 
 # subcommand modules, each with register(subparsers); a module whose feature has not landed is skipped
 SUBCOMMAND_MODULES = ("seqrec.data.cli", "seqrec.eval.cli", "seqrec.train.cli", "seqrec.tune.cli", "seqrec.quickstart",
-                      "seqrec.serve.cli")
+                      "seqrec.serve.cli", "seqrec.fit.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="seqrec",
         description="Train, tune, evaluate and serve text-aware sequential recommenders on Ray.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("SEQREC_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("SEQREC_LOG_LEVEL", "INFO"),
+                        help="DEBUG also shows Ray's own INFO logs (Ray Data plans, Ray Train reports)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (as SEQREC_PROGRESS=0; they are off anyway when stderr is not a terminal)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMAND_MODULES:
         try:
@@ -35,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from seqrec.console import configure
+
+    configure(args.log_level, quiet=args.quiet)
     try:
         result = args.func(args)
         return result if isinstance(result, int) else 0  # `seqrec train` returns its summary dict

@@ -25,8 +25,7 @@ def run_quickstart(workdir: str | Path, users: int = 2000, items: int = 500, see
 
     workdir = Path(workdir)
     started = time.perf_counter()
-    ray = init_ray(address)
-    log.info("ray resources: %s", ray.cluster_resources())
+    init_ray(address)  # logs the cluster's resources
 
     data_dir = workdir / "data" / "demo"
     generate_demo(data_dir, DemoOptions(n_users=users, n_items=items, seed=seed))
@@ -83,7 +82,9 @@ def register(subparsers) -> None:
     p.add_argument("--items", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=300)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a fresh local instance)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address, e.g. 'auto' for the one `ray start` runs on this machine (default: a "
+                        "fresh local instance of this command's own, isolated from other commands running at once)")
     p.add_argument("--serve", action="store_true", help="end with the trained model served on 127.0.0.1 (Ctrl-C stops)")
     p.add_argument("--serve-port", type=int, default=8000)
     p.set_defaults(func=_quickstart)

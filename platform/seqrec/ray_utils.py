@@ -10,22 +10,45 @@ log = logging.getLogger(__name__)
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join `address` (e.g. 'auto' or 'ray://host:10001'), or start a private local instance.
 
-    address=None never silently attaches to some other cluster left on the machine: it passes 'local'.
+    address=None never silently attaches to some other cluster left on the machine: it passes 'local'. A local
+    instance is isolated from other seqrec commands running at the same time: its own session directory and
+    ports (Ray's), and its workers pinned to it (seqrec.console.setup_ray_worker). Console settings (Ray's log
+    levels and switches) come from seqrec.console.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from seqrec import console
+
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"
+    console.ray_env_defaults(local)
     import ray
 
     if ray.is_initialized():
         return ray
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    init_kwargs = dict(address=address, log_to_driver=True, **kwargs)
-    if address == "local":
+    init_kwargs = dict(address=address, log_to_driver=True, **console.ray_init_options(local))
+    if "runtime_env" in kwargs and "runtime_env" in init_kwargs:  # the caller's fields win, env vars merged
+        ours, theirs = init_kwargs["runtime_env"], dict(kwargs.pop("runtime_env"))
+        theirs["env_vars"] = {**ours.get("env_vars", {}), **theirs.get("env_vars", {})}
+        init_kwargs["runtime_env"] = {**ours, **theirs}
+    init_kwargs.update(kwargs)
+    if local:
         if num_cpus is not None:
             init_kwargs["num_cpus"] = num_cpus
         init_kwargs.setdefault("include_dashboard", False)
     ray.init(**init_kwargs)
+    console.install_filters()  # again: the filters on Ray's file-named loggers need ray imported
+    console.quiet_ray_data()
     log.info("ray initialised at %s with resources %s", address, ray.cluster_resources())
     return ray
+
+
+def source_pythonpath() -> str:
+    """PYTHONPATH for Ray workers: they must import seqrec even when it is not pip-installed (a source checkout)."""
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1])
+    current = os.environ.get("PYTHONPATH", "")
+    return src if not current else (current if src in current.split(os.pathsep) else f"{src}{os.pathsep}{current}")
 
 
 def ray_executable(name: str = "ray") -> str:

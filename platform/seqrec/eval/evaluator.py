@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from seqrec.console import progress
 from seqrec.data.batching import make_batch
 from seqrec.data.dataset import EvalRows
 from seqrec.eval.metrics import RankingMetrics, target_ranks
@@ -86,6 +87,7 @@ def evaluate(
     acc = RankingMetrics(ndcg_ks=settings.ndcg_ks, recall_ks=settings.recall_ks)
     opt_all, pes_all = [], []
     start = time.perf_counter()
+    bar = progress(total=len(rows), desc="evaluating", unit="user")  # drawn only on the driver, after 1 s
     for lo in range(0, len(rows), chunk):
         part = rows.subset(slice(lo, lo + chunk))
         batch = make_batch(part.histories, part.targets, part.user_idx, max_len=max_len)
@@ -102,6 +104,8 @@ def evaluate(
         acc.update(opt, pes)
         opt_all.append(opt.numpy())
         pes_all.append(pes.numpy())
+        bar.update(len(part))
+    bar.close()
     seconds = time.perf_counter() - start
     result = EvalResult(
         metrics=acc.compute(),
@@ -110,8 +114,42 @@ def evaluate(
         opt_ranks=np.concatenate(opt_all),
         pes_ranks=np.concatenate(pes_all),
     )
-    log.info("evaluated %d rows in %.1fs (chunk %d)", len(rows), seconds, chunk)
+    # debug: callers print the metrics; one line per validation would repeat all through a training log
+    log.debug("evaluated %d rows in %.1fs (chunk %d)", len(rows), seconds, chunk)
     return result
+
+
+POPULARITY_EDGES = (1, 5, 20)  # lower edges of the warm buckets: 1-4, 5-19, 20+ (bucket "0": cold targets)
+
+
+def bucket_labels(edges: tuple[int, ...]) -> list[str]:
+    """'0' (never in training) and one label per edge: (1, 5, 20) -> 0, 1-4, 5-19, 20+."""
+    if not edges or edges[0] != 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"popularity bucket edges must be increasing integers starting at 1, got {list(edges)}")
+    return ["0"] + [f"{lo}-{hi - 1}" if hi - 1 > lo else str(lo) for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+
+
+def bucket_metrics(result: EvalResult, target_counts: np.ndarray, edges: tuple[int, ...] = POPULARITY_EDGES,
+                   settings: EvalSettings | None = None) -> dict[str, dict]:
+    """Metrics of an evaluation by popularity of each row's target (`target_counts`: its occurrences in the
+    training sequences, aligned with the evaluated rows), from the result's own per-row ranks and the same metric
+    code as the overall numbers. Returns bucket label -> {"n": rows, "metrics": {...}} (no metrics when empty)."""
+    settings = settings or EvalSettings()
+    counts = np.asarray(target_counts)
+    if counts.shape != result.opt_ranks.shape:
+        raise ValueError(f"{counts.shape[0] if counts.ndim else 0} target counts for {result.n_rows} evaluated rows")
+    labels = bucket_labels(tuple(edges))
+    which = np.digitize(counts, edges)  # 0: count < 1 (cold), i: edges[i-1] <= count < edges[i]
+    out = {}
+    for i, label in enumerate(labels):
+        mask = which == i
+        entry: dict = {"n": int(mask.sum()), "metrics": {}}
+        if mask.any():
+            acc = RankingMetrics(ndcg_ks=settings.ndcg_ks, recall_ks=settings.recall_ks)
+            acc.update(result.opt_ranks[mask], result.pes_ranks[mask])
+            entry["metrics"] = acc.compute()
+        out[label] = entry
+    return out
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,13 +105,18 @@ class FeatureCache:
             if use_ray:
                 table = self._encode_with_ray(todo, batch_size, concurrency)
             else:
+                from seqrec.console import progress
+
                 actor = _EncodeBatch(self.encoder_name, self.max_tokens)
                 items = list(todo.items())
                 chunks = []
+                bar = progress(total=len(items), desc="encoding item texts", unit="item")
                 for lo in range(0, len(items), batch_size):
                     part = items[lo : lo + batch_size]
                     out = actor({"key": np.array([k for k, _ in part], dtype=object), "text": np.array([t for _, t in part], dtype=object)})
                     chunks.append(pa.table({"key": list(out["key"]), "n_tokens": out["n_tokens"], "emb": list(out["emb"])}))
+                    bar.update(len(part))
+                bar.close()
                 table = pa.concat_tables(chunks)
             # write to a temp name then rename: a crash never leaves a half-written part
             final = self.dir / f"part-{int(time.time())}-{uuid.uuid4().hex[:8]}.parquet"
@@ -126,20 +132,34 @@ class FeatureCache:
     def _encode_with_ray(self, todo: dict[str, str], batch_size: int, concurrency: int) -> pa.Table:
         import ray
 
+        from seqrec.console import progress, quiet_ray_data
         from seqrec.ray_utils import init_ray
 
         init_ray()
         ds = ray.data.from_items([{"key": k, "text": t} for k, t in todo.items()])
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        ds = ds.map_batches(
-            _EncodeBatch,
-            fn_constructor_kwargs={"encoder_name": self.encoder_name, "max_tokens": self.max_tokens},
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_gpus=1 if use_gpu else 0,
-            batch_format="numpy",
-        )
-        return pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        with warnings.catch_warnings():
+            # max_restarts has no named parameter (yet) and Ray warns about the **ray_remote_args it goes
+            # through, while its own actor pool code names exactly this call as the way to turn restarts off
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(
+                _EncodeBatch,
+                fn_constructor_kwargs={"encoder_name": self.encoder_name, "max_tokens": self.max_tokens},
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                num_gpus=1 if use_gpu else 0,
+                batch_format="numpy",
+                # no actor restarts: a rerun re-encodes from the cache anyway, and with restarts on Ray logs an
+                # error that the constructor arguments (in the object store) might be gone by a restart
+                max_restarts=0,
+            )
+        quiet_ray_data(ds)  # our bar below counts items; Ray Data's would count blocks beside it
+        tables = []
+        with progress(total=len(todo), desc="encoding item texts", unit="item") as bar:
+            for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                tables.append(part)
+                bar.update(part.num_rows)
+        return pa.concat_tables(tables)
 
     def load(self, texts: list[str], dim: int | None = None) -> ItemFeatures:
         """Padded (N, T, D) features for `texts` (all must be cached; call `ensure` first)."""
@@ -186,9 +206,17 @@ def dataset_features(dataset, encoder_name: str = "minilm", max_tokens: int = 64
                      texts: list[str] | None = None) -> ItemFeatures:
     """Features for a prepared dataset's item texts (or `texts`, one per item), cached under <dataset>/features
     unless told otherwise."""
+    texts = dataset.item_texts() if texts is None else texts
+    return ensure_dataset_features(dataset, encoder_name, max_tokens, cache_dir, use_ray, texts).load(texts)
+
+
+def ensure_dataset_features(dataset, encoder_name: str = "minilm", max_tokens: int = 64, cache_dir=None,
+                            use_ray: bool = True, texts: list[str] | None = None) -> FeatureCache:
+    """Encode what the dataset's cache lacks and return the cache, without loading the features (a driver that
+    only fills the cache for its workers)."""
     cache = FeatureCache(cache_dir or Path(dataset.path) / "features", encoder_name, max_tokens)
     texts = dataset.item_texts() if texts is None else texts
     if len(texts) != dataset.n_items:
         raise ValueError(f"{len(texts)} texts for {dataset.n_items} items")
     cache.ensure(texts, use_ray=use_ray)
-    return cache.load(texts)
+    return cache

@@ -6,7 +6,8 @@ Bidirectional transformer over item + learned position embeddings, cloze trainin
     inference situation (history fully visible, a mask token after it);
   * loss = mean NLL over masked positions with a full softmax over the item table (chunked for big catalogs);
   * output layer tied to the item embeddings or untied, configurable.
-Inference appends the mask token after the history and scores all items from its representation.
+Inference appends the mask token after the history and scores all items from its representation. Scoring option
+(not in the paper): the text-similarity prior `text_prior_weight` (models/text_prior.py), off by default.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from seqrec.models import text_prior
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
 from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent
 
@@ -40,6 +42,10 @@ class Bert4RecConfig:
     positions_from_end: bool = False
     loss_chunk_items: int = 16384
     max_logit_elems: int = 2**24
+    # scoring option (models/text_prior.py): score_j += text_prior_weight * cos(x_last, x_j) of the frozen
+    # encoder's mean-pooled item features, lir_text's score; 0 = off. Not trained: chosen on validation.
+    text_prior_weight: float = 0.0
+    text_prior_encoder: str = "minilm"  # frozen encoder name or local path (the features come from the cache)
 
 
 def positions_from_end(positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
@@ -95,6 +101,10 @@ class Bert4Rec(nn.Module):
         # tied: the output layer IS the embedding table (no second tensor, so nothing to untie on save/load)
         self.out_weight = None if config.tied_output else nn.Parameter(torch.randn(n_items, config.dim) * config.init_std)
         self.out_bias = nn.Parameter(torch.zeros(n_items)) if config.output_bias else None
+        text_prior.check_weight(config.text_prior_weight, "bert4rec")
+        self.text_prior = text_prior.TextPrior(config.text_prior_encoder)  # table attached by registry.bind_dataset
+
+    prepare_params = staticmethod(text_prior.prepare_params)  # driver side: fill the prior's feature cache
 
     @property
     def packed_seq_len(self) -> int:
@@ -132,4 +142,5 @@ class Bert4Rec(nn.Module):
         return encode_queries(self.encoder, (tokens, positions), segments, lengths, causal=False)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)
+        scores = chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)
+        return self.text_prior.add(scores, batch, self.config.text_prior_weight)

@@ -6,8 +6,6 @@ Where this departs from / fills in the paper (and why):
   * Cost: t_i is computed only for the unique items of the batch (never the whole catalog per step). The output
     softmax is over the tied ID table e (FLARE predicts IDs); the contrastive loss aligns e_i with t_i. At eval
     time t for every item is computed once (no grad, in chunks) and cached until the next train() call.
-    `output_residual` (our option, off by default) makes the output row e_i + r_i with a free, weight-decayed r_i
-    outside the contrastive loss (see FlareConfig).
   * Masked positions: e_mask + t_mask, both learned (the paper: "the mask embedding for both ID and text").
     With a critique, the text part is Perceiver(S) instead of t_mask: ID and T are masked, S stays visible.
     Critiques are attached to masked positions only (at visible positions T already contains the category).
@@ -15,27 +13,27 @@ Where this departs from / fills in the paper (and why):
     random depth >= `critique_min_depth`, so broader (parent) critiques are seen in training too.
   * Contrastive (eq. 2): cosine similarities over the batch's unique items, s_ii - margin on the positive,
     divided by tau, cross-entropy in both directions (e->t and t->e) averaged. Total loss
-    alpha * MLM + (1 - alpha) * contrastive; with contrastive off the loss is the MLM alone.
-    `contrastive_id_grad: false` (our option, not the paper's) detaches e in that loss, so only t learns to point
-    at e; the paper's two-way alignment pulls e_i onto t_i's direction (median cosine 0.95 after training on
-    Scientific). Measured there, one-way is worse (README, Flare T+ID): the alignment of e is what helps.
+    alpha * MLM + (1 - alpha) * contrastive; with contrastive off the loss is the MLM alone. The alignment pulls
+    e_i onto t_i's direction (median cosine 0.95 after training on Scientific).
+    `frequent_weight` (our option; 1 = the paper) scales the InfoNCE rows of items with >= `frequent_min_count`
+    training occurrences: 0 takes popular items out as anchors (they stay in-batch negatives), so their IDs are
+    free to memorise while rare items keep the text alignment (the shipped Scientific preset).
   * Cold start: items with text but no trained ID (never in the training sequences, or added later with
     add_items) use the learned "unknown ID" embedding e_unk + t_i at the input. Their OUTPUT row is
     t_i / |t_i| * median_j |e_j| over trained IDs (the contrastive loss aligns e_i's direction with t_i's; the
     median norm puts them on the trained rows' scale) with the median trained output bias. e_unk is trained
     by replacing visible trained IDs with it at rate `id_dropout`, so the model learns to read t_i alone.
   * Scale: t_i starts on the ID embeddings' scale (perceiver.py: the output layer's init), so that c = e + t is
-    not mostly text at the start; `text_fixed_norm` pins every t_i to one learned norm instead, `text_norm` to a
-    constant one (the text's weight against the ID set by hand).
+    not mostly text at the start; `text_norm` pins every t_i to a constant norm (the text's weight against the ID
+    set by hand).
   * Item token features are catalog data, not weights: they are not in the checkpoint. The config keeps the
     encoder name and token limit; `load_flare_features(model, dataset)` attaches them (training loop,
     evaluator CLI, serving).
-  * Text-similarity prior (`text_prior_weight`, our option, off by default): score_all adds w * cos(x_last, x_j)
-    of the frozen encoder's mean-pooled features (lir_text's score) to the ID scores, a scoring setting chosen
-    on validation; the trained text path ranks rare targets below what that similarity alone does.
-    `seq_text_weight` (our option, off) adds a sequence-to-text InfoNCE at the masked positions instead.
-  * Item text: the dataset's key-value text (title, category, brand, price). `description_source` (our option,
-    off by default) appends the first words of the LC-Rec description (`flare_item_texts`).
+  * Text-similarity prior (`text_prior_weight`, our option, off by default; models/text_prior.py, shared with
+    the ID models): score_all adds w * cos(x_last, x_j) of the frozen encoder's mean-pooled features (lir_text's
+    score), pooled from the model's own item token features; the trained text path ranks rare targets below
+    what that similarity alone does.
+  * Item text: the dataset's key-value text (title, category, brand, price).
 """
 from __future__ import annotations
 
@@ -50,8 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqrec.eval.baselines import last_item_similarity
 from seqrec.features.cache import pooled_tokens
+from seqrec.models import text_prior
 from seqrec.models.bert4rec import cloze_mask
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
 from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent, run_blocks
@@ -73,13 +71,6 @@ class FlareConfig:
     mask_prob: float = 0.15
     last_only_prob: float = 0.1
     output_bias: bool = True
-    # our option, not the paper's: output row = e_i + r_i with r_i a free per-item row (zero-initialised, weight
-    # decayed, outside the contrastive loss). The contrastive loss pulls e_i onto t_i's direction, which helps rare
-    # items and costs the popular ones their discrimination (README, Flare T+ID: by target frequency); r_i lets
-    # frequently trained items move their output row off the text direction while rare ones keep ~e_i.
-    # Measured worse (seed-1 CPU run of flare_tid_scientific_matched + EMA): validation peaks early (0.0678 at step
-    # 400 vs 0.0689 tied) and falls fast (0.0639 at 700): the untied rows overfit, as an untied output layer does.
-    output_residual: bool = False
     loss_chunk_items: int = 16384
     max_logit_elems: int = 2**24
     # text path
@@ -88,51 +79,23 @@ class FlareConfig:
     perceiver_layers: int = 2
     perceiver_heads: int = 8
     perceiver_dim: int = 256
-    text_fixed_norm: bool = False  # True: every t_i (and critique hint) has one learned norm (perceiver.py)
-    text_norm: float | None = None  # a constant norm for every t_i instead (not learned; implies a fixed norm)
+    text_norm: float | None = None  # a constant norm for every t_i and critique hint (not learned); None = free
     contrastive: bool = True
     alpha: float = 0.5
     tau: float = 0.3
     margin: float = 0.2
-    # True (paper): the contrastive loss trains both e and t. False: e is detached in it, so only the text path
-    # learns to point at its item's ID embedding and e is shaped by the MLM alone (measured worse: README)
-    contrastive_id_grad: bool = True
-    # our option, not the paper's: items with >= frequent_min_count training occurrences get their own InfoNCE
-    # temperature (tau_frequent; None = tau) and row weight (frequent_weight). Why: one tau for all items trades
-    # popular items' top-rank sharpness (better at tau 0.1) against rare items' text alignment (better at 0.3;
-    # README, Flare T+ID: temperature). The counts come from the training split (load_flare_features).
-    # Measured (README, "Frequency-aware contrastive loss"): frequent_weight 0 (frequent items' rows leave the
-    # InfoNCE; they stay in-batch negatives) helps; tau_frequent 0.1 does not. The default 1.0 = the paper.
-    tau_frequent: float | None = None
+    # our option, not the paper's: items with >= frequent_min_count training occurrences weigh frequent_weight in
+    # the ID-text InfoNCE (1.0 = the paper). Measured (README, "Frequency-aware contrastive loss"): 0 (frequent
+    # items' rows leave the InfoNCE; they stay in-batch negatives) helps. The counts come from the training split.
     frequent_weight: float = 1.0
     frequent_min_count: int = 20
-    # False: the weighted InfoNCE is averaged over all of the batch's items, so frequent_weight 0 also lowers the
-    # contrastive term's overall weight. True: averaged over the weights' sum, so the remaining (rare) items keep
-    # the contrastive strength they would have if the frequent items' rows were absent.
-    frequent_weighted_mean: bool = False
-    # our option, not the paper's: a sequence-to-text InfoNCE at the masked positions (as UniSRec's
-    # sequence-item loss): cos(h, t_j) / seq_text_tau over the batch's unique items, the target's t positive.
-    # Why: the MLM softmax is over ID rows, so h learns to point at a rare item's text only from the few
-    # sequences where that item is the target; this term teaches "point at the next item's text" from every
-    # target, popular ones included, and rare items' output rows lie along their text (the ID-text InfoNCE).
-    # Total loss alpha * MLM + (1 - alpha) * contrastive + seq_text_weight * seq_text. 0 = off (the paper).
-    # Measured worse on flare_tid_scientific_freq (seed 1): validation NDCG@10 peaks at 0.0684 (weight 0.1) and
-    # 0.0661 (0.3) against 0.0723, and rare targets do not gain (README, Flare T+ID: "Sequence-to-text loss").
-    seq_text_weight: float = 0.0
-    seq_text_tau: float = 0.1
-    # our option, not the paper's: a text-similarity prior at scoring, score_j += text_prior_weight *
-    # cos(x_last, x_j), x the mean-pooled frozen-encoder features (exactly lir_text's score; not trained, a
-    # scoring setting chosen on validation). Why: on Scientific lir_text alone ranks rare targets (1-4 training
-    # occurrences) 2-3x better than the trained text path does (README, Flare T+ID: "Text-similarity prior");
-    # the Perceiver's two latents keep what the ID-text alignment needs, not the encoder's item-item similarity.
+    # our option, not the paper's: the text-similarity prior at scoring (models/text_prior.py), score_j +=
+    # text_prior_weight * cos(x_last, x_j) of the mean-pooled frozen-encoder features (lir_text's score), pooled
+    # from this model's own item features. Why: on Scientific lir_text alone ranks rare targets (1-4 training
+    # occurrences) 2-3x better than the trained text path does (README, Flare T+ID: "Text-similarity prior").
     text_prior_weight: float = 0.0
     encoder: str = "minilm"  # frozen encoder name or local path (features come from the feature cache)
     max_text_tokens: int = 64
-    # our option, not the paper's: append "Description: <first description_words words>" to each item's text,
-    # from an LC-Rec directory of the same catalog matched by normalised title (UniSRec's text has none).
-    # The feature cache is keyed by text, so the longer texts are encoded once; raise max_text_tokens with it.
-    description_source: str | None = None
-    description_words: int = 32
     text_dim: int | None = None  # encoder hidden size; None = read from the encoder's config at build time
     id_dropout: float = 0.05  # visible trained IDs replaced by e_unk (trains the cold-start input)
     # critiques
@@ -143,31 +106,19 @@ class FlareConfig:
 
 
 # ------------------------------------------------------------------------------------------- losses
-def info_nce_margin(e: torch.Tensor, t: torch.Tensor, tau: float | torch.Tensor, margin: float,
-                    weight: torch.Tensor | None = None, weighted_mean: bool = False) -> torch.Tensor:
+def info_nce_margin(e: torch.Tensor, t: torch.Tensor, tau: float, margin: float,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between rows of e (U, D) and t (U, D): positives on the diagonal, margin subtracted
-    from the positive cosine before the temperature. tau may be per item (U,): item i's temperature divides
-    both of its rows (anchor e_i over all t, anchor t_i over all e). weight (U,) scales item i's two row losses;
-    the mean stays over U rows, so weight 1 everywhere is the plain loss and weight < 1 only removes pull.
-    weighted_mean divides by the weights' sum instead (0 when every weight is 0)."""
+    from the positive cosine before the temperature. weight (U,) scales item i's two row losses (anchor e_i over
+    all t, anchor t_i over all e); the mean stays over U rows, so weight 1 everywhere is the plain loss and
+    weight < 1 only removes pull."""
     sim = F.normalize(e.float(), dim=-1) @ F.normalize(t.float(), dim=-1).t()  # (U, U) cosines
-    sim = sim - margin * torch.eye(sim.shape[0], device=sim.device)
-    tau = torch.as_tensor(tau, dtype=sim.dtype, device=sim.device).reshape(-1, 1)  # (U, 1) or (1, 1)
+    sim = (sim - margin * torch.eye(sim.shape[0], device=sim.device)) / tau
     labels = torch.arange(sim.shape[0], device=sim.device)
-    rows = F.cross_entropy(sim / tau, labels, reduction="none") + F.cross_entropy(sim.t() / tau, labels, reduction="none")
+    rows = F.cross_entropy(sim, labels, reduction="none") + F.cross_entropy(sim.t(), labels, reduction="none")
     if weight is None:
         return 0.5 * rows.mean()
-    weight = weight.to(rows.dtype)
-    if weighted_mean:
-        return 0.5 * (rows * weight).sum() / weight.sum().clamp_min(1e-12)
-    return 0.5 * (rows * weight).mean()
-
-
-def seq_text_loss(h: torch.Tensor, t: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
-    """Cross-entropy of cos(h_m, t_j) / tau over candidates j: h (M, D) masked-position states, t (U, D) the
-    batch's item texts, target (M,) each position's row in t."""
-    logits = F.normalize(h.float(), dim=-1) @ F.normalize(t.float(), dim=-1).t() / tau  # (M, U)
-    return F.cross_entropy(logits, target)
+    return 0.5 * (rows * weight.to(rows.dtype)).mean()
 
 
 # ---------------------------------------------------------------------------------------- critiques
@@ -194,26 +145,6 @@ def _segment(joined: str, vocab: set[str], max_words: int) -> list[str] | None:
                 break
         else:
             return None
-    return out
-
-
-def flare_item_texts(dataset, config: "FlareConfig") -> list[str]:
-    """The texts the frozen encoder sees: the dataset's key-value item texts, plus a description when
-    `description_source` is set (items without a title match or a description keep their text as it is)."""
-    texts = dataset.item_texts()
-    if not config.description_source:
-        return texts
-    from seqrec.data.lcrec import read_item_records
-    from seqrec.data.text import clean_text, truncate_words
-
-    by_title: dict[str, str] = {}
-    for value in read_item_records(config.description_source, "description_source"):
-        desc = truncate_words(clean_text(value.get("description") or ""), config.description_words)
-        if desc:
-            by_title.setdefault(_norm_title(value.get("title")), desc)
-    descs = [by_title.get(_norm_title(title)) for title in dataset.items.column("title").to_pylist()]
-    out = [f"{text} Description: {desc}" if desc else text for text, desc in zip(texts, descs)]
-    log.info("descriptions appended to %d of %d item texts", sum(d is not None for d in descs), len(out))
     return out
 
 
@@ -356,20 +287,22 @@ def encode_critiques(texts: Sequence[str | None], encoder, cache: CritiqueCache 
 # -------------------------------------------------------------------------------------------- model
 class Flare(nn.Module):
     causal = False  # packing: whole sequences, masking happens in loss()
+    # options removed after they measured worse (issue #32), with the defaults older checkpoints saved them at:
+    # registry.load_model drops them at these values and refuses a checkpoint trained with another
+    RETIRED_OPTIONS = {"output_residual": False, "text_fixed_norm": False, "contrastive_id_grad": True,
+                       "tau_frequent": None, "frequent_weighted_mean": False, "seq_text_weight": 0.0,
+                       "seq_text_tau": 0.1, "description_source": None, "description_words": 32}
 
     def __init__(self, config: FlareConfig, n_items: int):
         super().__init__()
         self.config = config
         if not 0.0 <= config.alpha <= 1.0 or config.tau <= 0:
             raise ValueError("flare: alpha must be in [0, 1] and tau > 0")
-        if config.seq_text_weight < 0 or config.seq_text_tau <= 0:
-            raise ValueError("flare: seq_text_weight must be >= 0 and seq_text_tau > 0")
-        if config.text_prior_weight < 0:
-            raise ValueError("flare: text_prior_weight must be >= 0")
-        if (config.seq_text_weight > 0 or config.text_prior_weight > 0) and not config.use_text:
-            raise ValueError("flare: seq_text_weight and text_prior_weight need the text path (use_text: true)")
-        if (config.tau_frequent is not None and config.tau_frequent <= 0) or config.frequent_weight < 0:
-            raise ValueError("flare: tau_frequent must be > 0 and frequent_weight >= 0")
+        text_prior.check_weight(config.text_prior_weight, "flare")
+        if config.text_prior_weight > 0 and not config.use_text:
+            raise ValueError("flare: text_prior_weight pools the text path's features (use_text: true)")
+        if config.frequent_weight < 0:
+            raise ValueError("flare: frequent_weight must be >= 0")
         if config.critique_prob > 0 and not config.use_text:
             raise ValueError("flare: critiques need the text path (use_text: true)")
         self.n_id_items = n_items  # rows of the trained ID table
@@ -379,10 +312,9 @@ class Flare(nn.Module):
         self.encoder = Encoder(n_items + 3, config.max_len + 1, config.dim, config.heads, config.hidden,
                                config.layers, config.dropout, config.attn_dropout, config.init_std)
         self.out_bias = nn.Parameter(torch.zeros(n_items)) if config.output_bias else None
-        self.out_residual = nn.Parameter(torch.zeros(n_items, config.dim)) if config.output_residual else None
         # which IDs were trained (set from the training data by load_flare_features; saved with the weights)
         self.register_buffer("id_seen", torch.ones(n_items, dtype=torch.bool))
-        # training occurrences per item (training only: the frequent-item contrastive options; not saved)
+        # training occurrences per item (training only: frequent_weight; not saved)
         self.register_buffer("id_count", torch.zeros(n_items), persistent=False)
         self.perceiver = None
         if config.use_text:
@@ -391,13 +323,14 @@ class Flare(nn.Module):
             self.perceiver = PerceiverResampler(
                 config.text_dim, config.perceiver_dim, config.dim, config.perceiver_latents, config.perceiver_layers,
                 config.perceiver_heads, config.dropout, config.attn_dropout, init_std=config.init_std,
-                fixed_norm=config.text_fixed_norm, norm_value=config.text_norm)
+                norm_value=config.text_norm)
             self.text_mask = nn.Parameter(torch.randn(config.dim) * config.init_std)  # t at masked positions
         # catalog features (not saved: attach_item_features)
         self.register_buffer("item_tokens", None, persistent=False)  # (N, T, Dt) float16
         self.register_buffer("item_token_mask", None, persistent=False)  # (N, T) bool
         self.critiques: CritiqueTable | None = None
         self._cache: dict[str, torch.Tensor] | None = None
+        self.text_prior = text_prior.TextPrior()  # pooled from item_tokens when first needed (_tables)
 
     # ------------------------------------------------------------------------------ features and catalog
     @staticmethod
@@ -430,6 +363,7 @@ class Flare(nn.Module):
         self.n_items = self.n_id_items
         self.critiques = critiques
         self._cache = None
+        self.text_prior.clear()
 
     def set_trained_ids(self, trained: torch.Tensor | np.ndarray) -> None:
         """trained: a (N,) bool mask of IDs seen in training, or the (N,) training occurrence counts."""
@@ -440,7 +374,7 @@ class Flare(nn.Module):
         self._cache = None
 
     def set_item_counts(self, counts: torch.Tensor | np.ndarray) -> None:
-        """(N,) training occurrence counts only (the frequent-item options), leaving the trained-ID mask as it is:
+        """(N,) training occurrence counts only (frequent_weight), leaving the trained-ID mask as it is:
         a loaded checkpoint knows which IDs its weights trained (a refit also trained the validation targets)."""
         counts = self._per_id(counts, "training counts")
         self.id_count.copy_(counts.to(self.id_count.device, self.id_count.dtype))
@@ -452,16 +386,14 @@ class Flare(nn.Module):
         return values
 
     def _contrastive(self, e: torch.Tensor, t: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """InfoNCE with margin for the batch's trained items (K,), with the frequent-item tau and weight."""
+        """InfoNCE with margin for the batch's trained items (K,), frequent items' rows weighted frequent_weight."""
         cfg = self.config
-        if cfg.tau_frequent is None and cfg.frequent_weight == 1.0:
+        if cfg.frequent_weight == 1.0:
             return info_nce_margin(e, t, cfg.tau, cfg.margin)
         if not bool((self.id_count > 0).any()):
-            raise ValueError("flare: tau_frequent / frequent_weight need the training counts (set_trained_ids)")
+            raise ValueError("flare: frequent_weight needs the training counts (set_trained_ids)")
         frequent = self.id_count[items] >= cfg.frequent_min_count  # (K,)
-        tau = torch.where(frequent, cfg.tau if cfg.tau_frequent is None else cfg.tau_frequent, cfg.tau)
-        weight = torch.where(frequent, cfg.frequent_weight, 1.0)
-        return info_nce_margin(e, t, tau, cfg.margin, weight, cfg.frequent_weighted_mean)
+        return info_nce_margin(e, t, cfg.tau, cfg.margin, torch.where(frequent, cfg.frequent_weight, 1.0))
 
     def add_items(self, tokens: torch.Tensor, mask: torch.Tensor) -> list[int]:
         """Append items known only by their text (K, T, Dt) / (K, T); returns their new item indices, which
@@ -484,6 +416,7 @@ class Flare(nn.Module):
             pad = torch.full((tokens.shape[0], self.critiques.item_prefixes.shape[1]), -1, dtype=torch.long)
             self.critiques.item_prefixes = torch.cat([self.critiques.item_prefixes, pad])
         self._cache = None
+        self.text_prior.clear()  # rebuilt over the grown catalog when next scored
         return list(range(start, self.n_items))
 
     def train(self, mode: bool = True):
@@ -538,9 +471,8 @@ class Flare(nn.Module):
         return run_blocks(enc.blocks, enc.ln_f, enc.drop(x), attn, query)
 
     def id_table(self) -> torch.Tensor:
-        """(N_id, D) output rows: the tied ID embeddings e (+ the free residual r with output_residual)."""
-        e = self.encoder.item_emb.weight[1 : self.n_id_items + 1]
-        return e if self.out_residual is None else e + self.out_residual
+        """(N_id, D) output rows: the tied ID embeddings e."""
+        return self.encoder.item_emb.weight[1 : self.n_id_items + 1]
 
     # ------------------------------------------------------------------------------------------ training
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -576,17 +508,9 @@ class Flare(nn.Module):
             keep = self._has_id(uniq)
             if int(keep.sum()) >= 2:
                 e_u = self.encoder.item_emb(uniq[keep] + 1)  # (K, D)
-                if not cfg.contrastive_id_grad:
-                    e_u = e_u.detach()
                 con = self._contrastive(e_u, t_u[keep], uniq[keep])
                 terms["contrastive"] = con
                 loss = cfg.alpha * mlm + (1 - cfg.alpha) * con
-        if self.perceiver is not None and cfg.seq_text_weight > 0:
-            slot = torch.full(items.shape, -1, dtype=torch.long, device=dev)
-            slot[real] = inv  # (B, L) each real position's row in uniq
-            seq = seq_text_loss(h[masked], t_u, slot[masked], cfg.seq_text_tau)
-            terms["seq_text"] = seq
-            loss = loss + cfg.seq_text_weight * seq
         terms["loss"] = loss
         return terms
 
@@ -626,8 +550,7 @@ class Flare(nn.Module):
     @torch.no_grad()
     def _tables(self) -> dict[str, torch.Tensor]:
         """Cached for the whole catalog (eval only): t (N, D), output rows (N, D) and bias (N,)."""
-        if (self._cache is not None and self._cache["out"].shape[0] == self.n_items
-                and (self.config.text_prior_weight <= 0 or self._cache.get("prior") is not None)):
+        if self._cache is not None and self._cache["out"].shape[0] == self.n_items:
             return self._cache
         weight = self.id_table()
         n_new = self.n_items - self.n_id_items
@@ -649,10 +572,7 @@ class Flare(nn.Module):
             ref_b = bias[seen] if bool(seen.any()) else bias
             bias = torch.cat([bias, bias.new_zeros(n_new)])
             bias = torch.where(has_id, bias, ref_b.median())
-        self._cache = {"text": text, "out": out, "bias": bias, "prior": None}
-        if self.config.text_prior_weight > 0:
-            self._cache["prior"] = pooled_tokens(self.item_tokens, self.item_token_mask,
-                                                 self.config.text_chunk_items).to(weight.device)  # (N, Dt) unit rows
+        self._cache = {"text": text, "out": out, "bias": bias}
         return self._cache
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -695,9 +615,11 @@ class Flare(nn.Module):
         (an all-False row = no critique), or critique_hint (B, D) = `critique_hints` of those, precomputed."""
         tables = self._tables()
         scores = chunked_scores(self.user_vectors(batch), tables["out"], tables["bias"])  # (B, V)
-        if self.config.text_prior_weight > 0:
-            scores += self.config.text_prior_weight * last_item_similarity(tables["prior"], batch).to(scores.dtype)
-        return scores
+        if self.config.text_prior_weight > 0 and self.text_prior.table is None:  # a scoring setting: set any time
+            with torch.no_grad():  # (N, Dt) unit rows of the features held, so new items (add_items) are in it
+                self.text_prior.attach(pooled_tokens(self.item_tokens, self.item_token_mask,
+                                                     self.config.text_chunk_items), self.n_items)
+        return self.text_prior.add(scores, batch, self.config.text_prior_weight)
 
 
 def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -756,8 +678,7 @@ def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray
     from seqrec.features.cache import dataset_features
 
     cfg = model.config
-    feats = dataset_features(dataset, cfg.encoder, cfg.max_text_tokens, cache_dir=cache_dir, use_ray=use_ray,
-                             texts=flare_item_texts(dataset, cfg))
+    feats = dataset_features(dataset, cfg.encoder, cfg.max_text_tokens, cache_dir=cache_dir, use_ray=use_ray)
     critiques = build_critique_table(dataset, model, cache_dir, use_ray) if cfg.critique_prob > 0 else None
     model.attach_item_features(feats.tokens, feats.mask, critiques)
     counts = dataset.train_item_counts()
@@ -768,12 +689,12 @@ def load_flare_features(model: torch.nn.Module, dataset, cache_dir=None, use_ray
 
 
 def prepare_experiment_params(params: dict[str, Any], dataset) -> dict[str, Any]:
-    """Driver side, before Ray Train starts: make category_source / description_source absolute (workers run
-    elsewhere) and fill the feature cache once with Ray Data, so workers only read it."""
+    """Driver side, before Ray Train starts: make category_source absolute (workers run elsewhere) and fill the
+    feature cache once with Ray Data (the item features, which the text prior is pooled from too), so workers
+    only read it."""
     params = dict(params)
-    for key in ("category_source", "description_source"):
-        if params.get(key):
-            params[key] = str(Path(params[key]).resolve())
+    if params.get("category_source"):
+        params["category_source"] = str(Path(params["category_source"]).resolve())
     from seqrec.config import from_dict
 
     model = Flare(from_dict(FlareConfig, params, where="model[flare]"), dataset.n_items)

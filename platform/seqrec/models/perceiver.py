@@ -71,7 +71,7 @@ class CrossAttention(nn.Module):
 class PerceiverResampler(nn.Module):
     def __init__(self, in_dim: int, dim: int, out_dim: int, n_latents: int, layers: int, heads: int,
                  dropout: float, attn_dropout: float, n_types: int = 2, init_std: float = 0.02,
-                 fixed_norm: bool = False, norm_value: float | None = None):
+                 norm_value: float | None = None):
         super().__init__()
         if n_latents < 1:
             raise ValueError("perceiver_latents must be >= 1")
@@ -97,15 +97,11 @@ class PerceiverResampler(nn.Module):
         # larger and drown the ID and the position in c = e + t (measured after training: |t| 6.0 vs |e| 0.38).
         # std init_std / sqrt(P) starts t on the ID scale; how far it grows is then learned.
         nn.init.normal_(self.out.weight, std=init_std / dim**0.5)
-        # fixed_norm: every output has one learned norm s (init: the ID scale), t = s * out(...) / |out(...)|, so
-        # the text's weight against the ID in e + t is a single learned number instead of the projection's size.
-        # norm_value: that norm is this constant instead (a buffer, not trained): the text's weight is set by hand
-        if norm_value is not None:
-            if norm_value <= 0:
-                raise ValueError("perceiver: norm_value must be > 0")
-            self.register_buffer("out_norm", torch.tensor(float(norm_value)))
-        else:
-            self.out_norm = nn.Parameter(torch.tensor(init_std * out_dim**0.5)) if fixed_norm else None
+        # norm_value: every output has this constant norm, t = norm_value * out(...) / |out(...)| (a buffer, not
+        # trained), so the text's weight against the ID in e + t is set by hand instead of by the projection's size
+        if norm_value is not None and norm_value <= 0:
+            raise ValueError("perceiver: norm_value must be > 0")
+        self.register_buffer("out_norm", None if norm_value is None else torch.tensor(float(norm_value)))
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         """tokens (M, T, Din) any float dtype; mask (M, T) bool; types (M, T) long -> (M, out_dim)."""

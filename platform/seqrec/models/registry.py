@@ -19,6 +19,7 @@ from seqrec.models.calrec import CALRec, CALRecConfig
 from seqrec.models.flare import Flare, FlareConfig
 from seqrec.models.recformer import Recformer, RecformerConfig
 from seqrec.models.sasrec import SASRec, SASRecConfig
+from seqrec.models.text_prior import bind_text_prior
 
 MODELS: dict[str, tuple[type[torch.nn.Module], type]] = {
     "sasrec": (SASRec, SASRecConfig),
@@ -30,6 +31,17 @@ MODELS: dict[str, tuple[type[torch.nn.Module], type]] = {
 }
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+
+def drop_retired_options(name: str, saved: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """A saved model config without the options removed from the model since (its class's RETIRED_OPTIONS: name ->
+    the default it had, which meant off). A checkpoint saved with the defaults loads as before; one trained with
+    another value is refused (it would not score as it did)."""
+    retired = getattr(MODELS[name][0], "RETIRED_OPTIONS", {}) if name in MODELS else {}
+    on = {k: saved[k] for k, off in retired.items() if k in saved and saved[k] != off}
+    if on:
+        raise ValueError(f"{where}: the checkpoint uses removed model options {on}; it needs an older seqrec")
+    return {k: v for k, v in saved.items() if k not in retired}
 
 
 def build_model(name: str, config_dict: dict[str, Any] | None, n_items: int) -> torch.nn.Module:
@@ -85,11 +97,13 @@ def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True,
     from the dataset's training split unless `from_checkpoint` (loaded weights know which IDs they trained: a refit,
     train.fit_on "train+valid", also trained the validation targets). CALRec: the item texts. Recformer: the item
     attribute dicts (its item matrix is re-encoded only if they differ from the catalog it was saved with).
-    ID models: nothing."""
+    SASRec / Bert4Rec with text_prior_weight > 0: the prior's table (models/text_prior.py; Flare pools its own
+    from the features above). Otherwise ID models: nothing."""
     if getattr(model, "needs_item_features", False):
         from seqrec.models.flare import load_flare_features
 
         load_flare_features(model, dataset, use_ray=use_ray, keep_trained_ids=from_checkpoint)
+    bind_text_prior(model, dataset, use_ray=use_ray)
     if hasattr(model, "attach_catalog"):
         model.attach_catalog(dataset.item_texts())
     if getattr(model, "needs_item_attributes", False):
@@ -101,10 +115,12 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", d
                use_ray: bool = True, params: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, config.json contents) from a checkpoint directory written by training; with
     `dataset` (a PreparedDataset), also bound to that catalog (bind_dataset). `params` override the saved model
-    config (scoring settings such as Flare's text_prior_weight; a key the config lacks is an error, and one
-    that changes the architecture fails to load the weights)."""
+    config (scoring settings such as text_prior_weight, whose table binding attaches when the weight is > 0; a key
+    the config lacks is an error, and one that changes the architecture fails to load the weights). Binding again
+    with another weight encodes nothing: the feature cache has the texts."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = json.loads((checkpoint_dir / CONFIG_FILE).read_text())
+    meta["model"] = drop_retired_options(meta["model_name"], meta["model"], checkpoint_dir)
     if params:
         meta["model"] = {**meta["model"], **params}
     model = build_model(meta["model_name"], meta["model"], int(meta["n_items"]))

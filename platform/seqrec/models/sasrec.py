@@ -2,7 +2,8 @@
 
 Training batch (packed, see models/packing.py): items, targets (next item per position), positions, segments.
 Scoring batch (data/batching.py): left-aligned `history` with PAD = -1 and `lengths`; the representation of
-the last real item scores every catalog item through the (tied) item embedding table.
+the last real item scores every catalog item through the (tied) item embedding table. Scoring option (not in
+the paper): the text-similarity prior `text_prior_weight` (models/text_prior.py), off by default.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from seqrec.models import text_prior
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
 from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent
 
@@ -28,6 +30,10 @@ class SASRecConfig:
     output_bias: bool = False
     loss_chunk_items: int = 16384  # item chunk of the full softmax when the (N, V) logits would be too big
     max_logit_elems: int = 2**24  # below this many logits the plain (unchunked) softmax is used
+    # scoring option (models/text_prior.py): score_j += text_prior_weight * cos(x_last, x_j) of the frozen
+    # encoder's mean-pooled item features, lir_text's score; 0 = off. Not trained: chosen on validation.
+    text_prior_weight: float = 0.0
+    text_prior_encoder: str = "minilm"  # frozen encoder name or local path (the features come from the cache)
 
 
 class SASRec(nn.Module):
@@ -42,6 +48,10 @@ class SASRec(nn.Module):
         self.encoder = Encoder(n_items + 1, config.max_len, config.dim, config.heads, config.hidden,
                                config.layers, config.dropout, config.attn_dropout, config.init_std)
         self.out_bias = nn.Parameter(torch.zeros(n_items)) if config.output_bias else None
+        text_prior.check_weight(config.text_prior_weight, "sasrec")
+        self.text_prior = text_prior.TextPrior(config.text_prior_encoder)  # table attached by registry.bind_dataset
+
+    prepare_params = staticmethod(text_prior.prepare_params)  # driver side: fill the prior's feature cache
 
     @property
     def packed_seq_len(self) -> int:
@@ -77,4 +87,5 @@ class SASRec(nn.Module):
         return encode_queries(self.encoder, (tokens, positions), segments, last, causal=True)  # (B, D)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)
+        scores = chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)
+        return self.text_prior.add(scores, batch, self.config.text_prior_weight)

@@ -392,11 +392,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and tc.refit:
             print(f"[refit] step {state['step']} checkpointed (no validation: fit_on {tc.fit_on})", flush=True)
         elif rank == 0:
+            history.add({"kind": "valid", "step": state["step"], "metrics": metrics})
             print(f"[valid] step {state['step']} {tc.eval_metric}={score:.4f} best={state['best_score']:.4f}"
                   f"@{state['best_step']} ndcg@10/opt={metrics.get('ndcg@10/opt', float('nan')):.4f}", flush=True)
         return bool(tc.patience) and not tc.refit and state["evals_since_best"] >= tc.patience
 
     # ---------------------------------------------------------------------------------------- the loop
+    from seqrec.console import NoBar, progress
+    from seqrec.plots import RunHistory
+
+    history = RunHistory(config.get("history_path") if rank == 0 else None, fresh=resume_dir is None)  # curves.png
+    bar = progress(total=tc.last_step, initial=state["step"], desc=cfg.run.name or cfg.name, unit="step",
+                   workers=True) if rank == 0 else NoBar()
     train_module.train()
     it = iter(stream)
     window_loss, window_n, window_seqs, window_t0 = 0.0, 0, 0, time.perf_counter()
@@ -417,6 +424,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if ema is not None:
             ema.update(model)
         state["step"] += 1
+        bar.update(1)
         window_loss += float(loss.detach())
         window_n += 1
         window_seqs += n_seqs * world
@@ -426,6 +434,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 print(f"[train] step {state['step']}/{tc.steps} loss {last_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
                       f"{seq_per_s:.0f} seq/s elapsed {time.perf_counter() - run_t0:.0f}s", flush=True)
+                history.add({"kind": "train", "step": state["step"], "loss": last_loss,
+                                "lr": scheduler.get_last_lr()[0], "seq_per_s": seq_per_s})
+                bar.set_description(f"{cfg.run.name or cfg.name} loss {last_loss:.3f}")
             window_loss, window_n, window_seqs, window_t0 = 0.0, 0, 0, time.perf_counter()
         if state["step"] % tc.eval_every == 0 or state["step"] == tc.last_step:
             state["elapsed_s"] = time.perf_counter() - run_t0
@@ -435,6 +446,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     print(f"[train] early stop at step {state['step']}: no improvement in {tc.patience} evaluations", flush=True)
                 break
             window_t0 = time.perf_counter()  # validation time is not training throughput
+    bar.close()
     if evaluated_at != state["step"]:
         validate_and_checkpoint(last_loss, seq_per_s)
 
@@ -475,6 +487,8 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     from seqrec.data.dataset import PreparedDataset, atomic_write_json
     from seqrec.eval.evaluator import EvalSettings, evaluate, format_table
     from seqrec.models.registry import load_model
+    from seqrec.console import quiet_ray_data, train_logging_config, worker_env
+    from seqrec.plots import HISTORY_FILE, run_curves
     from seqrec.ray_utils import init_ray
 
     sc = cfg.scaling
@@ -484,23 +498,25 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     from seqrec.models.registry import MODELS
 
     model_cls = MODELS[cfg.model.name][0] if cfg.model.name in MODELS else None
-    if hasattr(model_cls, "prepare_params"):  # e.g. Flare: fill the text feature cache once, before the workers
+    if hasattr(model_cls, "prepare_params"):  # Flare / a text prior: fill the feature cache once, before the workers
         cfg.model.params = model_cls.prepare_params(cfg.model.params, dataset)
     table = dataset.split("train")
     # several blocks so streaming_split can hand each worker a part without running any Ray Data task
     n_blocks = datasets_blocks or max(4 * sc.num_workers, 1)
     step = max(1, math.ceil(table.num_rows / n_blocks))
     train_ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    quiet_ray_data(train_ds)  # its split to the workers runs no task: a progress bar would say nothing
 
     name = cfg.run.name or cfg.name
     storage = str(Path(cfg.run.storage_path).resolve())
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath()}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath(), **worker_env()}
     if sc.strategy == "deepspeed" and not sc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": asdict(cfg), "dataset_path": dataset_path,
                            "fail_marker": str(Path(storage) / name / ".fault_injected"),
+                           "history_path": str(Path(storage) / name / HISTORY_FILE),  # curves.png is drawn from it
                            "pg_record": str(Path(storage) / name / PG_RECORD),
                            # Train V2 dropped resume_from_checkpoint: the worker falls back to this directory
                            # when Ray has no checkpoint of this run yet (a restart after a failure has one)
@@ -515,6 +531,7 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
                                                checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": env},
             callbacks=list(callbacks or []),
+            logging_config=train_logging_config(),
         ),
         datasets={"train": train_ds},
     )
@@ -546,12 +563,15 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     summary["table"] = format_table(table_rows)
     print(f"\n[{name}] best checkpoint {best_dir} (step {summary['best_step']}), training wall time "
           f"{train_seconds:.0f}s\n{summary['table']}\n", flush=True)
+    curves = run_curves({name: Path(storage) / name}, cfg.train.eval_metric, Path(storage) / name,
+                        f"{name} ({cfg.model.name})")
+    summary["curves"] = str(curves) if curves else None
     atomic_write_json(summary, Path(storage) / name / "summary.json")
     return summary
 
 
 def _pythonpath() -> str:
     """Workers must import seqrec even when it is not pip-installed (source checkout + PYTHONPATH)."""
-    src = str(Path(__file__).resolve().parents[2])
-    current = os.environ.get("PYTHONPATH", "")
-    return src if not current else (current if src in current.split(os.pathsep) else f"{src}{os.pathsep}{current}")
+    from seqrec.ray_utils import source_pythonpath
+
+    return source_pythonpath()

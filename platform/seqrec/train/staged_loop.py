@@ -262,10 +262,16 @@ def staged_worker(config: dict[str, Any]) -> None:
                               engine=engine, optimizer=optimizer, scheduler=scheduler, meta=meta, rank=rank,
                               prefix="seqrec_staged_ckpt_")
         if rank == 0:
+            history.add({"kind": "valid", "step": state["step"], "metrics": metrics})
             print(f"{tag} valid step {state['step']} ({len(valid_rows)} users) {tc.eval_metric}={score:.4f} "
                   f"best={state['best_score']:.4f}@{state['best_step']}", flush=True)
         return bool(tc.patience) and state["evals_since_best"] >= tc.patience
 
+    from seqrec.console import NoBar, progress
+    from seqrec.plots import RunHistory
+
+    history = RunHistory(config.get("history_path") if rank == 0 else None, fresh=resume_dir is None)  # curves.png
+    bar = progress(total=tc.steps, initial=state["step"], desc=tag, unit="step", workers=True) if rank == 0 else NoBar()
     train_module.train()
     win = {"loss": 0.0, "n": 0, "tokens": 0}
     win_t0, run_t0 = time.perf_counter(), time.perf_counter() - state["elapsed_s"]
@@ -281,6 +287,7 @@ def staged_worker(config: dict[str, Any]) -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = optimizer_step(batch, model, train_module, optimizer, scheduler, engine, tc.grad_clip, autocast)
         state["step"] += 1
+        bar.update(1)
         win["loss"] += float(loss.detach())
         win["n"] += 1
         win["tokens"] += int(batch["attention_mask"].sum()) * world
@@ -292,6 +299,8 @@ def staged_worker(config: dict[str, Any]) -> None:
                 print(f"{tag} step {state['step']}/{tc.steps} loss {report['loss']:.4f} "
                       f"lr {report['lr']:.2e} {report['s_per_step']:.2f}s/step {report['tokens_per_s']:.0f} tok/s "
                       f"elapsed {time.perf_counter() - run_t0:.0f}s", flush=True)
+                history.add({"kind": "train", "step": state["step"], **report})
+                bar.set_description(f"{tag} loss {report['loss']:.3f}")
             win = {"loss": 0.0, "n": 0, "tokens": 0}
             win_t0 = time.perf_counter()
         if state["step"] % tc.eval_every == 0 or state["step"] == tc.steps:
@@ -302,6 +311,7 @@ def staged_worker(config: dict[str, Any]) -> None:
                     print(f"{tag} early stop at step {state['step']}", flush=True)
                 break
             win_t0 = time.perf_counter()
+    bar.close()
     if evaluated_at != state["step"]:
         validate_and_checkpoint(report)
 
@@ -313,17 +323,21 @@ def run_stage(cfg: StagedExperimentConfig, index: int, dataset_paths: list[str],
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from seqrec.console import train_logging_config, worker_env
+    from seqrec.plots import HISTORY_FILE
     from seqrec.train.loop import _pythonpath
 
     sc, stage = cfg.scaling, cfg.stages[index]
     name = f"{cfg.run.name or cfg.name}_{stage.name}"
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           **worker_env()}
     if sc.strategy == "deepspeed" and not sc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     trainer = TorchTrainer(
         staged_worker,
         train_loop_config={"experiment": asdict(cfg), "stage_index": index, "dataset_paths": dataset_paths,
-                           "validation_path": validation_path, "init_from": init_from},
+                           "validation_path": validation_path, "init_from": init_from,
+                           "history_path": str(Path(cfg.run.storage_path).resolve() / name / HISTORY_FILE)},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
@@ -333,6 +347,7 @@ def run_stage(cfg: StagedExperimentConfig, index: int, dataset_paths: list[str],
             checkpoint_config=CheckpointConfig(num_to_keep=stage.train.keep_checkpoints,
                                                checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
             worker_runtime_env={"env_vars": env},
+            logging_config=train_logging_config(),
         ),
     )
     t0 = time.perf_counter()
@@ -343,6 +358,7 @@ def run_stage(cfg: StagedExperimentConfig, index: int, dataset_paths: list[str],
     # best validation score; among equal scores the latest (more training)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: (cm[1][SCORE_KEY], cm[1]["step"]))
     return {"stage": stage.name, "datasets": dataset_paths, "validation": validation_path, "train_seconds": round(seconds, 1),
+            "run_dir": str(Path(cfg.run.storage_path).resolve() / name), "eval_metric": stage.train.eval_metric,
             "best_checkpoint": best_ckpt.path, "best_step": best_metrics.get("step"),
             "final_step": result.metrics.get("step"), "s_per_step_last": result.metrics.get("s_per_step"),
             "val": {k[4:]: v for k, v in best_metrics.items() if k.startswith("val/")}}
@@ -383,6 +399,12 @@ def run_staged(cfg: StagedExperimentConfig) -> dict[str, Any]:
         summary["test"] = results
         summary["table"] = format_table({k: r["metrics"] for k, r in results.items()})
         print(f"\n[{name}] test ({next(iter(results.values()))['n_rows']} users)\n{summary['table']}\n", flush=True)
+    if summary["stages"]:
+        from seqrec.plots import run_curves
+
+        curves = run_curves({s["stage"]: s["run_dir"] for s in summary["stages"]}, summary["stages"][-1]["eval_metric"],
+                            Path(cfg.run.storage_path).resolve() / name, f"{name} ({cfg.model.name}), stage by stage")
+        summary["curves"] = str(curves) if curves else None
     atomic_write_json(summary, Path(cfg.run.storage_path).resolve() / name / "summary.json")
     return summary
 

@@ -2,6 +2,7 @@
 
     trials.csv / trials.parquet   one row per trial: swept values, stop reason, final and best validation metrics
     sweep.png                     validation metric vs each swept hyperparameter (best per trial), learning curves
+    trial_curves.png              every trial's validation curve, labelled with its swept values
     best.json                     the winner: config, checkpoint, validation and test metrics
 
 The winner is the trial report with the best validation metric over all trials and steps (model selection on
@@ -223,6 +224,27 @@ def write_plot(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: d
     tmp.replace(path)
 
 
+def write_trial_curves(table: pd.DataFrame, histories: dict[str, pd.DataFrame], sweep: dict[str, Any],
+                       sweep_dir: Path) -> Path | None:
+    """trial_curves.png: each trial's validation metric by step (seqrec.plots.trial_curves), the legend giving
+    its swept values and why it stopped."""
+    from seqrec.plots import TRIAL_CURVES_FILE, trial_curves
+    from seqrec.tune.runner import metric_key
+
+    grid = sweep["grid"]
+    labels = {}
+    for _, row in table.iterrows():
+        values = ", ".join(f"{k.split('.')[-1]}={_short(row.get(f'param:{k}'))}" for k in sweep["space"])
+        labels[row["trial_id"]] = f"{str(row['trial_id'])[-5:]} {values} ({row.get('stop')})"
+    return trial_curves(histories, metric_key(grid["tune"]["metric"]), sweep_dir / TRIAL_CURVES_FILE,
+                        f"sweep {grid['name']}: validation {grid['tune']['metric']} of every trial "
+                        f"(circle: its best report)", labels)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def best_record(table: pd.DataFrame, sweep: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
     from seqrec.eval.cli import run_evaluation
     from seqrec.tune.runner import metric_key
@@ -241,7 +263,7 @@ def best_record(table: pd.DataFrame, sweep: dict[str, Any], sweep_dir: Path) -> 
 
     config = experiment_dict(sweep["base"], sweep["fixed"], params, derived=sweep["derived"])
     metrics = {}
-    for split in ("valid", "test"):
+    for split in ("valid", "test") if sweep.get("evaluate_test", True) else ("valid",):
         _, res = run_evaluation(sweep["dataset_path"], [ckpt], split=split)
         metrics[split] = next(iter(res.values()))["metrics"]
     return {
@@ -261,6 +283,7 @@ def write_outputs(sweep_dir: Path, sweep: dict[str, Any], results) -> dict[str, 
     table, histories = trial_rows(results, sweep)
     write_table(table, sweep_dir)
     write_plot(table, histories, sweep, sweep_dir / PLOT_FILE)
+    write_trial_curves(table, histories, sweep, sweep_dir)
     record = best_record(table, sweep, sweep_dir)
     atomic_write_json(record, sweep_dir / BEST_FILE)
     mk = f"best_val/{sweep['grid']['tune']['metric']}"
@@ -270,7 +293,7 @@ def write_outputs(sweep_dir: Path, sweep: dict[str, Any], results) -> dict[str, 
           f"{table[shown].to_string(index=False)}\n"
           f"best: trial {record['trial_id']} step {record['step']}  valid {sweep['grid']['tune']['metric']}="
           f"{record['metrics']['valid'].get(sweep['grid']['tune']['metric'], float('nan')):.4f}  test "
-          f"{sweep['grid']['tune']['metric']}={record['metrics']['test'].get(sweep['grid']['tune']['metric'], float('nan')):.4f}"
+          f"{sweep['grid']['tune']['metric']}={record['metrics'].get('test', {}).get(sweep['grid']['tune']['metric'], float('nan')):.4f}"
           f"\n  {record['checkpoint']}\n", flush=True)
     return record
 

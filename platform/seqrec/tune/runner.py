@@ -163,8 +163,10 @@ def build_sweep(grid: GridConfig, cli_overrides: dict[str, Any] | None, sweep_di
 def run_sweep(grid: GridConfig | str, cli_overrides: dict[str, Any] | None = None, *, name: str | None = None,
               storage_path: str | None = None, num_samples: int | None = None, resume: bool = False,
               address: str | None = None, callbacks: list | None = None,
-              time_budget_s: float | None = None) -> dict[str, Any]:
-    """Run (or resume) a sweep and write its table, plot and best record. Returns the best record."""
+              time_budget_s: float | None = None, evaluate_test: bool = True) -> dict[str, Any]:
+    """Run (or resume) a sweep and write its table, plot and best record. Returns the best record.
+    `evaluate_test=False`: the record holds validation metrics only (a caller that chooses further on validation,
+    such as `seqrec fit`, tests its final choice once itself)."""
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -199,6 +201,7 @@ def run_sweep(grid: GridConfig | str, cli_overrides: dict[str, Any] | None = Non
         if (sweep_dir / TUNER_STATE).exists():
             raise ValueError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or --name")
         sweep = build_sweep(grid, cli_overrides, sweep_dir)
+        sweep["evaluate_test"] = bool(evaluate_test)  # kept in sweep.json: a resumed or rewritten sweep agrees
         concurrency = grid.tune.max_concurrent_trials or default_concurrency(sweep["scaling"], grid.tune.trial_cpus)
         sweep["max_concurrent_trials"] = concurrency
         atomic_write_json(sweep, sweep_dir / SWEEP_FILE)
@@ -218,8 +221,12 @@ def run_sweep(grid: GridConfig | str, cli_overrides: dict[str, Any] | None = Non
             run_config=tune.RunConfig(
                 name=sweep_dir.name, storage_path=str(sweep_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=grid.tune.max_failures),
-                callbacks=[TBXLoggerCallback(), FreeStoppedTrials(sweep["trials_dir"]), *(callbacks or [])],
-                verbose=1,
+                callbacks=[TBXLoggerCallback(), FreeStoppedTrials(sweep["trials_dir"]),
+                           SweepProgress(metric_key(grid.tune.metric), grid.tune.mode, expected_trials(sweep)),
+                           *(callbacks or [])],
+                # Tune's own reporter prints every trial's config and full result as boxes and a status table
+                # every 30 s; SweepProgress says one line per finished trial (and draws a bar in a terminal)
+                verbose=0,
             ),
         )
     log.info("sweep %s -> %s", grid.name, sweep_dir)
@@ -309,6 +316,67 @@ class FreeStoppedTrials(_tune_callback_base()):
             free_placement_groups(Path(self.trials_dir) / f"trial_{trial_id}" / PG_RECORD)
             if now - t0 > self.watch_s:
                 del self._stopped[trial_id]
+
+
+def expected_trials(sweep: dict[str, Any]) -> int | None:
+    """How many trials Tune will sample: num_samples x the product of the grid axes; None with a preset point
+    (Tune's count of points_to_evaluate against num_samples is its own business)."""
+    from seqrec.tune.config import SpaceSpec
+
+    if sweep["preset_point"]:
+        return None
+    n = int(sweep["grid"]["tune"]["num_samples"])
+    for spec in sweep["space"].values():
+        spec = from_dict(SpaceSpec, spec)
+        if spec.kind() == "grid":
+            n *= len(spec.values())
+    return n
+
+
+class SweepProgress(_tune_callback_base()):
+    """One log line per finished trial (its swept values, best validation metric, why it ended) and, where bars
+    are on (seqrec.console), a bar of finished trials. `expected`: trials the sweep samples (None: unknown)."""
+
+    def __init__(self, metric: str, mode: str, expected: int | None = None):
+        self.metric, self.mode, self.expected = metric, mode, expected
+        self._best: dict[str, tuple[float, int]] = {}
+        self._bar = None
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment state; a live bar does not pickle
+        return {**self.__dict__, "_bar": None}
+
+    def _progress(self):
+        if self._bar is None:
+            from seqrec.console import progress
+
+            self._bar = progress(total=self.expected, desc="sweep", unit="trial")
+        return self._bar
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None:
+            return
+        best = self._best.get(trial.trial_id)
+        better = best is None or (value > best[0] if self.mode == "max" else value < best[0])
+        if better:
+            self._best[trial.trial_id] = (float(value), int(result.get("step", 0)))
+
+    def _done(self, trial, how: str) -> None:
+        best = self._best.get(trial.trial_id)
+        score = f"best {self.metric}={best[0]:.4f} at step {best[1]}" if best else f"no {self.metric} reported"
+        params = ", ".join(f"{k}={_plain(v)}" for k, v in sorted((trial.config or {}).items()))
+        log.info("trial %s %s: %s (%s)", trial.trial_id, how, score, params)
+        self._progress().update(1)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._done(trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._done(trial, "failed")
+
+    def on_experiment_end(self, trials, **info):
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _param_space(sweep: dict[str, Any]) -> dict[str, Any]:

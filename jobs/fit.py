@@ -1,0 +1,17 @@
+"""Entrypoint for `ray job submit --address http://HOST:8265 --working-dir . -- python jobs/fit.py --dataset DIR
+--model sasrec [--budget-s N]`.
+
+Inside a Ray job RAY_ADDRESS is set, so the fit joins that cluster instead of starting a private instance.
+Same flags as `seqrec fit` (--dataset, --model, --budget-s, --seed, --out, --address, --set).
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # works without pip install
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from seqrec.fit.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
