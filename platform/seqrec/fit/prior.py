@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -106,26 +107,39 @@ def evaluate_weight(model, dataset, rows, weight: float) -> dict[str, float]:
     return evaluate(model, rows, dataset.n_items, EvalSettings()).metrics
 
 
-def choose_text_prior(checkpoint: str, model_name: str, dataset, metric: str = "ndcg@10/pes") -> PriorChoice:
-    """The validation-best text-prior weight of `checkpoint` (0 when the model has no such option)."""
+def choose_text_prior(checkpoint: str, model_name: str, dataset, metric: str = "ndcg@10/pes",
+                      deadline: float | None = None) -> PriorChoice:
+    """The validation-best text-prior weight of `checkpoint` (0 when the model has no such option). With a
+    `deadline` (time.monotonic()), grid points left when it passes are skipped (the octaves nearest the scale go
+    first) and the choice is among those evaluated; the reason says how many were skipped."""
     if not supports_prior(model_name):
         return PriorChoice(weight=0.0, scale=None, metric=metric, reason=f"{model_name} has no text_prior_weight option")
     rows = dataset.eval_rows("valid")
     model = load_with_prior(checkpoint, dataset)
     scale = measure_scale(model, rows)
     grid = [{"weight": 0.0, "multiplier": 0.0, "valid": evaluate_weight(model, dataset, rows, 0.0)}]
-    for mult, w in weight_grid(scale):
+    skipped = 0
+
+    def add(mult: float, w: float) -> None:
+        nonlocal skipped
+        if deadline is not None and time.monotonic() > deadline:
+            skipped += 1
+            return
         grid.append({"weight": w, "multiplier": mult, "valid": evaluate_weight(model, dataset, rows, w)})
+
+    for mult, w in sorted(weight_grid(scale), key=lambda mw: abs(math.log2(mw[0]))):  # 1x, then outwards
+        add(mult, w)
     best = best_entry(grid, metric)
     if best["multiplier"] > 0:  # refine between the best octave and its neighbours
         for mult in (best["multiplier"] / math.sqrt(2), best["multiplier"] * math.sqrt(2)):
-            w = round_sig(scale * mult)
-            grid.append({"weight": w, "multiplier": mult, "valid": evaluate_weight(model, dataset, rows, w)})
+            add(mult, round_sig(scale * mult))
     best = best_entry(grid, metric)
     base = grid[0]["valid"][metric]
     reason = (f"validation {metric} {best['valid'][metric]:.4f} at w={best['weight']:g} ({best['multiplier']:.3g} x "
               f"the scale {scale:.3g}) vs {base:.4f} without the prior" if best["weight"] > 0
               else f"no weight beat the model alone on validation ({base:.4f})")
+    if skipped:
+        reason += f"; {skipped} grid point(s) skipped at the budget's end"
     log.info("text prior: %s", reason)
     return PriorChoice(weight=float(best["weight"]), scale=float(scale), metric=metric, grid=grid, reason=reason)
 

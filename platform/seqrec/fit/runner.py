@@ -22,6 +22,7 @@ from seqrec.fit.sizing import Decision, Sizing, check_fittable, profile_dataset,
 
 log = logging.getLogger(__name__)
 SEARCH_DIR = "search"
+FINAL_PASSES_MARGIN = 4  # the final validation and test passes, at a margin of 2
 
 
 @dataclass
@@ -80,7 +81,9 @@ def fit(opts: FitOptions) -> dict[str, Any]:
         from seqrec.fit.prior import choose_text_prior
 
         t_prior = time.monotonic()
-        prior = choose_text_prior(sweep_record["checkpoint"], family.model, dataset)
+        # the grid stops where the budget would not leave time for the final validation and test passes
+        deadline = t_start + prep_s + opts.budget_s - FINAL_PASSES_MARGIN * measured.eval_s - 10.0
+        prior = choose_text_prior(sweep_record["checkpoint"], family.model, dataset, deadline=deadline)
         prior_s = time.monotonic() - t_prior
         model_dir = write_scoring_checkpoint(sweep_record["checkpoint"], out, {"text_prior_weight": prior.weight}
                                              if prior.scale is not None else {},
@@ -161,7 +164,8 @@ def plan_fit(family: Family, sizing: Sizing, dataset, opts: FitOptions, spent_s:
                        sizing.train["eval_every"], measured, concurrency, N_PRIOR_EVALS,
                        fixed_steps="train.steps" in opts.overrides)
     if plan.capped:
-        sizing = rescheduled(sizing, plan.steps, f"capped by the budget ({math.floor(plan.search_s)} s of search)")
+        sizing = rescheduled(sizing, plan.steps, f"capped by the budget ({math.floor(plan.search_s)} s of search)",
+                             plan.validations)
     log.info("budget plan: %s", plan.as_dict())
     return sizing, measured, plan
 
@@ -208,4 +212,5 @@ def throughput(probe, trials: list[dict[str, Any]]) -> dict[str, Any]:
     rates = sorted(t["seq_per_s"] for t in trials if isinstance(t.get("seq_per_s"), (int, float)))
     return {"probe_s_per_step": round(probe.step_s, 4), "probe_tokens_per_s": round(probe.tokens_per_s, 1),
             "slots_per_step": probe.slots_per_step, "validation_pass_s": round(probe.eval_s, 2),
+            "catalog_table_s": round(probe.table_s, 2),
             "trials_median_seq_per_s": rates[len(rates) // 2] if rates else None}

@@ -5,7 +5,7 @@ Budget arithmetic (all estimates come from the probe, seqrec.fit.probe):
     trial_s   = start-up + steps x step_s x contention + validations x eval_s x contention
     reserve_s = what follows the search: the text-prior grid and the final test pass, plus writing
     search_s  = budget - time already spent - reserve_s            (Tune's time_budget_s: a hard stop)
-The first round of trials (one per CPU) should end within half of search_s, leaving the other half to trials that
+The first round of trials (one per CPU) should end within 60% of search_s, leaving the rest to trials that
 ASHA mostly stops at their first rung; when the sized schedule does not fit, its steps are capped (the width is
 kept: see seqrec.fit.runner.plan_fit). num_samples follows from what fits: ASHA (grace 1/4 of the schedule,
 factor 3) costs about 0.45 of a full trial per trial on average.
@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 METRIC = "ndcg@10/pes"
 TRIAL_START_S = 20.0  # a Tune trial starting its Ray Train run (placement group, worker, data shard)
 CONTENTION = 1.25  # a trial beside others on shared cores runs slower than the probe alone
-FIRST_ROUND_SHARE = 0.5
+FIRST_ROUND_SHARE = 0.6  # of the search: the first round of full-length trials
+EVAL_SHARE = 0.3  # at most this share of a capped trial validates
+MIN_VALIDATIONS = 6
 ASHA_MEAN_SHARE = 0.45
 MAX_TRIALS = 12
-POST_FIXED_S = 30.0  # Tune's winner re-evaluation, copying the checkpoint, Ray shutdown
+POST_FIXED_S = 45.0  # Tune stopping its trials and writing its outputs, loading, copying the checkpoint
 
 
 @dataclass
@@ -40,6 +42,7 @@ class BudgetPlan:
     search_s: float
     concurrency: int
     steps: int
+    validations: int  # per trial
     trial_s: float  # estimated seconds of one full trial
     num_samples: int
     capped: bool  # the sized schedule did not fit and was cut
@@ -55,8 +58,9 @@ def trial_seconds(steps: int, eval_every: int, probe: Probe) -> float:
 
 
 def reserve_seconds(probe: Probe, n_prior_evals: int) -> float:
-    """The text-prior grid (one validation pass per weight) and the test pass, at a margin of 2."""
-    return POST_FIXED_S + 2.0 * (n_prior_evals + 1) * probe.eval_s
+    """After the search, at a margin of 2 on the passes: Tune's re-evaluation of the winner, the final validation
+    and test passes, and the text-prior grid (one validation pass per weight)."""
+    return POST_FIXED_S + 2.0 * (3 + n_prior_evals) * probe.eval_s
 
 
 def plan_budget(budget_s: float, spent_s: float, steps: int, eval_every: int, probe: Probe, concurrency: int,
@@ -69,30 +73,42 @@ def plan_budget(budget_s: float, spent_s: float, steps: int, eval_every: int, pr
         raise ValueError(f"--budget-s {budget_s:.0f} leaves {search:.0f} s for the search after {spent_s:.0f} s of "
                          f"set-up and {reserve:.0f} s reserved for the text prior and the test pass; give more")
     notes = []
+    validations = math.ceil(steps / max(1, eval_every))
     full = trial_seconds(steps, eval_every, probe)
     capped = False
     if full > FIRST_ROUND_SHARE * search and not fixed_steps:
-        # steps whose trial fits half the search; below MIN_STEPS give the whole search to one round instead
-        per_step = CONTENTION * (probe.step_s + probe.eval_s / max(1, eval_every))
-        fit_steps = int((FIRST_ROUND_SHARE * search - TRIAL_START_S) / per_step)
-        if fit_steps < MIN_STEPS:
-            fit_steps = max(10, int((0.9 * search - TRIAL_START_S) / per_step))
+        sized_steps = steps
+        steps, validations = capped_schedule(FIRST_ROUND_SHARE * search, probe)
+        if steps < MIN_STEPS:  # too few for a culling round: give the whole search to one round of trials
+            steps, validations = capped_schedule(0.9 * search, probe)
             notes.append("budget fits one round of trials only: no ASHA culling round")
-        notes.append(f"schedule capped by the budget: {steps} -> {fit_steps} steps")
-        steps, capped = min(steps, fit_steps), True
-        full = trial_seconds(steps, max(1, steps // N_VALIDATIONS), probe)  # rescheduled(): same interval
+        notes.append(f"schedule capped by the budget: {sized_steps} -> {steps} steps, {validations} validations")
+        capped = True
+        full = trial_seconds(steps, max(1, steps // validations), probe)
     rounds = search / max(ASHA_MEAN_SHARE * full, 1e-9)
     num_samples = int(min(MAX_TRIALS, max(concurrency, concurrency * math.floor(rounds))))
     return BudgetPlan(budget_s=budget_s, spent_s=round(spent_s, 1), reserve_s=round(reserve, 1),
-                      search_s=round(search, 1), concurrency=concurrency, steps=int(steps), trial_s=round(full, 1),
-                      num_samples=num_samples, capped=capped, notes=notes)
+                      search_s=round(search, 1), concurrency=concurrency, steps=int(steps),
+                      validations=int(validations), trial_s=round(full, 1), num_samples=num_samples, capped=capped,
+                      notes=notes)
 
 
-def rescheduled(sizing: Sizing, steps: int, why: str) -> Sizing:
+def capped_schedule(trial_s: float, probe: Probe) -> tuple[int, int]:
+    """(steps, validations) of a trial taking `trial_s`: N_VALIDATIONS, fewer (not below MIN_VALIDATIONS) where
+    validating would take more than EVAL_SHARE of the trial (Flare rebuilds its catalog text table each time)."""
+    work = max(0.0, (trial_s - TRIAL_START_S) / CONTENTION)
+    validations = N_VALIDATIONS
+    if validations * probe.eval_s > EVAL_SHARE * work:
+        validations = max(MIN_VALIDATIONS, int(EVAL_SHARE * work / max(probe.eval_s, 1e-9)))
+    steps = int(max(0.0, work - validations * probe.eval_s) / probe.step_s)
+    return max(steps, 10), validations
+
+
+def rescheduled(sizing: Sizing, steps: int, why: str, validations: int = N_VALIDATIONS) -> Sizing:
     """The sizing with train.steps (and what follows from it) replaced."""
     decisions = [d for d in sizing.decisions if d.setting not in
                  ("train.steps", "train.eval_every", "train.warmup_steps", "train.patience", "train.log_every")]
-    new = schedule_decisions(steps, f"{steps} steps", why)
+    new = schedule_decisions(steps, f"{steps} steps", why, validations)
     train = dict(sizing.train)
     for d in new:
         train[d.setting.split(".", 1)[1]] = d.value

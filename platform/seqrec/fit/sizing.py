@@ -204,16 +204,16 @@ def size_schedule(p: DatasetProfile, family: Family, slots_per_step: int, dim: i
                               f"{kind} 1.5 x 2560 / dim {dim} epochs of {p.train_tokens} training events")
 
 
-def schedule_decisions(steps: int, statistic: str, why: str) -> list[Decision]:
+def schedule_decisions(steps: int, statistic: str, why: str, validations: int = N_VALIDATIONS) -> list[Decision]:
     """train.steps and what follows from it: validation interval, warm-up, patience, log interval."""
-    eval_every = max(1, steps // N_VALIDATIONS)
+    eval_every = max(1, steps // validations)
     warmup = int(min(200, max(10, round(0.05 * steps))))
-    patience = max(3, math.ceil(PATIENCE_SHARE * N_VALIDATIONS))
+    patience = max(3, math.ceil(PATIENCE_SHARE * validations))
     return [
         Decision("train.steps", steps, statistic, why + f" (bounded to {MIN_STEPS}..{MAX_STEPS})"),
-        Decision("train.eval_every", eval_every, f"{steps} steps", f"~{N_VALIDATIONS} validations per schedule"),
+        Decision("train.eval_every", eval_every, f"{steps} steps", f"~{validations} validations per schedule"),
         Decision("train.warmup_steps", warmup, f"{steps} steps", "5% of the schedule (10..200)"),
-        Decision("train.patience", patience, f"{N_VALIDATIONS} validations",
+        Decision("train.patience", patience, f"{validations} validations",
                  f"stop after {PATIENCE_SHARE:.0%} of the schedule without a better validation NDCG@10"),
         Decision("train.log_every", eval_every, f"{steps} steps", "one log line per validation"),
     ]
