@@ -92,9 +92,9 @@ class LastItemText:
 
     @classmethod
     def from_dataset(cls, dataset, encoder_name: str = "minilm") -> "LastItemText":
-        from seqrec.features.cache import dataset_features, pooled
+        from seqrec.models.text_prior import catalog_table  # the text prior's table: one pooling of the cache
 
-        return cls(pooled(dataset_features(dataset, encoder_name)))
+        return cls(catalog_table(dataset, encoder_name))
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return last_item_similarity(self.emb, batch)
@@ -103,7 +103,7 @@ class LastItemText:
 class ItemTransition:
     """First-order Markov chain: items ranked by how often they followed the last history item in the training
     sequences, ties (and unseen transitions) broken by training popularity. The reference for what exact
-    item-to-item memorisation alone reaches (on Scientific its Recall@1 matches Bert4Rec's: README)."""
+    item-to-item memorisation alone reaches (on Scientific its Recall@1 matches Bert4Rec's: docs/evaluation.md)."""
 
     name = "markov"
     max_len = None

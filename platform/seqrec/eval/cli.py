@@ -197,7 +197,7 @@ def register(subparsers) -> None:
     p.add_argument("--bucket-metrics", default="ndcg@10/pes,recall@10/pes", type=lambda v: v.split(","),
                    help="metrics of the bucket lines and chart (comma-separated; default ndcg@10/pes,recall@10/pes)")
     p.add_argument("--model-param", action="append", metavar="KEY=VALUE",
-                   help="override a checkpoint's model config for scoring, e.g. text_prior_weight=4 (Flare); repeatable")
+                   help="override a checkpoint's model config for scoring, e.g. text_prior_weight=4 (SASRec, Bert4Rec, Flare); repeatable")
     p.add_argument("--critique", default=None, metavar="VARIANTS",
                    help="critiquing mode for one Flare checkpoint: variants among a,b,c,d,e (comma-separated, or 'all')")
     p.add_argument("--category-source", default=None,

@@ -85,14 +85,14 @@ class FlareConfig:
     tau: float = 0.3
     margin: float = 0.2
     # our option, not the paper's: items with >= frequent_min_count training occurrences weigh frequent_weight in
-    # the ID-text InfoNCE (1.0 = the paper). Measured (README, "Frequency-aware contrastive loss"): 0 (frequent
+    # the ID-text InfoNCE (1.0 = the paper). Measured (docs/models/flare.md): 0 (frequent
     # items' rows leave the InfoNCE; they stay in-batch negatives) helps. The counts come from the training split.
     frequent_weight: float = 1.0
     frequent_min_count: int = 20
     # our option, not the paper's: the text-similarity prior at scoring (models/text_prior.py), score_j +=
     # text_prior_weight * cos(x_last, x_j) of the mean-pooled frozen-encoder features (lir_text's score), pooled
     # from this model's own item features. Why: on Scientific lir_text alone ranks rare targets (1-4 training
-    # occurrences) 2-3x better than the trained text path does (README, Flare T+ID: "Text-similarity prior").
+    # occurrences) 2-3x better than the trained text path does (docs/models/flare.md).
     text_prior_weight: float = 0.0
     encoder: str = "minilm"  # frozen encoder name or local path (features come from the feature cache)
     max_text_tokens: int = 64

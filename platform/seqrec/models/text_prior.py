@@ -7,7 +7,7 @@ where x are the frozen encoder's mean-pooled item features: exactly the `lir_tex
 (seqrec.eval.baselines.last_item_similarity), 0 for an empty history. It is not trained: w is a scoring setting
 chosen on validation (training validates with it on; `load_model(..., params={"text_prior_weight": w})` sets it
 on a checkpoint). Why: on Scientific the last item's text similarity ranks rare targets far better than what the
-models learn for them (README, Flare T+ID: "Text-similarity prior"; test NDCG@10 Bert4Rec 0.0657 -> 0.0789,
+models learn for them (docs/models/flare.md; test NDCG@10 Bert4Rec 0.0657 -> 0.0789,
 Flare T+ID 0.0676 -> 0.0730).
 
 The table, (n_items, encoder dim) float32 unit rows, is catalog data, not weights: never in the checkpoint.
@@ -23,7 +23,7 @@ import torch
 
 from seqrec.eval.baselines import last_item_similarity
 
-PRIOR_MAX_TOKENS = 64  # token limit of the features an ID model's prior is pooled from (lir_text's: same cache)
+PRIOR_MAX_TOKENS = 64  # token limit of the pooled features (the prior and lir_text share one table)
 
 
 def check_weight(weight: float, where: str) -> None:

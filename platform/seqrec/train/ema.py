@@ -2,7 +2,7 @@
 
 Why: on Scientific the validation-best step of Bert4Rec and Flare T+ID sits in a noisy region (the metric moves by
 ~0.001-0.002 between evaluations 100 steps apart), and the average of the two best checkpoints of one run scored
-higher on validation AND test than either checkpoint, for both models (README, "Weight averaging"). An EMA is the
+higher on validation AND test than either checkpoint, for both models (docs/training.md, "Weight averaging (EMA)"). An EMA is the
 running form of that average: shadow <- d * shadow + (1 - d) * live after every optimizer step, with the usual
 warm-up d_t = min(decay, (1 + t) / (10 + t)) so that the first steps do not drag the average towards the random
 initialisation. Training always continues from the live weights; what is validated, saved as model.safetensors
