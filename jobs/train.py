@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # works without pip install
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from seqrec.train.cli import main  # noqa: E402
+from seqrec.cli import main  # noqa: E402  (the seqrec CLI: its console set-up and exit codes)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train", *sys.argv[1:]]))

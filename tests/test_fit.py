@@ -163,16 +163,64 @@ def test_search_grid_is_centred_on_the_sizing(tmp_path):
     check_grid_points(grid, base_data(grid), fixed_overrides(grid), swept_space(grid))
 
 
-def test_text_prior_grid_helpers():
-    from seqrec.fit.prior import best_entry, round_sig, supports_prior, weight_grid
+def test_prior_grid_helpers():
+    from seqrec.fit.prior import best_entry, round_sig, supported_priors, supports_prior, weight_grid
 
     assert [w for _, w in weight_grid(10.0)] == [1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
     assert weight_grid(0.7)[0] == (0.125, 0.0875)
     assert round_sig(0.012345) == 0.0123 and round_sig(0.0) == 0.0
-    grid = [{"weight": 0.0, "valid": {"m": 0.5}}, {"weight": 2.0, "valid": {"m": 0.5}},
-            {"weight": 4.0, "valid": {"m": 0.4}}]
-    assert best_entry(grid, "m")["weight"] == 0.0  # a tie keeps the smaller weight (no prior)
+    grid = [{"multipliers": {"a": 0.0, "b": 0.0}, "valid": {"m": 0.5}},
+            {"multipliers": {"a": 1.0, "b": 0.0}, "valid": {"m": 0.5}},
+            {"multipliers": {"a": 0.5, "b": 2.0}, "valid": {"m": 0.4}}]
+    assert best_entry(grid, "m") is grid[0]  # a tie keeps the least prior (none)
     assert supports_prior("flare") and not supports_prior("calrec")
+    assert supported_priors("sasrec") == ["text_prior_weight", "transition_prior_weight"] == supported_priors("flare")
+    assert supported_priors("recformer") == [] == supported_priors("no_such_model")
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(demo_dataset, tmp_path_factory):
+    """A tiny SASRec trained in-process for 40 steps on the demo catalog, saved as a checkpoint (weight 0 priors)."""
+    import numpy as np
+    import torch
+
+    from seqrec.models.packing import pack_sequences
+    from seqrec.models.registry import build_model, model_config_dict
+    from seqrec.train.checkpoint import save_model_files
+
+    torch.manual_seed(0)
+    model = build_model("sasrec", {"max_len": 12, "dim": 32, "layers": 1, "heads": 2, "hidden": 64, "dropout": 0.0,
+                                   "attn_dropout": 0.0}, demo_dataset.n_items)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    packed = pack_sequences(demo_dataset.train_sequences(), 64, model.packed_seq_len, True, np.random.default_rng(0))
+    model.train()
+    for step in range(40):
+        loss = model(packed.batch(np.arange(step * 8, step * 8 + 8) % len(packed)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("prior_ckpt")
+    save_model_files(model.eval(), out, {"model_name": "sasrec", "model": model_config_dict(model),
+                                         "n_items": demo_dataset.n_items})
+    return out
+
+
+def test_prior_choice_matches_the_evaluator(demo_dataset, trained_tiny):
+    """choose_priors' one-pass grid gives, at every point, the metrics `seqrec evaluate` computes for the checkpoint
+    loaded with those weights (the same float operations, the same ranking code), and it picks the best point."""
+    from seqrec.eval.evaluator import EvalSettings, evaluate
+    from seqrec.fit.prior import choose_priors
+    from seqrec.models.registry import load_model
+
+    choice = choose_priors(str(trained_tiny), "sasrec", demo_dataset)
+    assert set(choice.weights) == {"text_prior_weight", "transition_prior_weight"} and choice.passes in (1, 2)
+    assert len(choice.grid) >= 64 or len(choice.scales) < 2  # 8 x 8 (0 and 7 octaves each), then the refinement
+    rows = demo_dataset.eval_rows("valid")
+    best = max(e["valid"]["ndcg@10/pes"] for e in choice.grid)
+    for entry in [choice.grid[0], choice.grid[9], next(e for e in choice.grid if e["weights"] == choice.weights)]:
+        model, _ = load_model(str(trained_tiny), dataset=demo_dataset, use_ray=False, params=entry["weights"])
+        assert evaluate(model, rows, demo_dataset.n_items, EvalSettings()).metrics == pytest.approx(entry["valid"], abs=1e-12)
+    assert next(e for e in choice.grid if e["weights"] == choice.weights)["valid"]["ndcg@10/pes"] == best
 
 
 def test_fit_end_to_end(ray_session, demo_dataset, tmp_path):
@@ -188,13 +236,15 @@ def test_fit_end_to_end(ray_session, demo_dataset, tmp_path):
                             overrides={"train.steps": 24}))
     record = json.loads((out / "best.json").read_text())
     ckpt_config = json.loads((Path(record["checkpoint"]) / "config.json").read_text())
-    prior = report["text_prior"]
-    assert ckpt_config["model"]["text_prior_weight"] == record["text_prior_weight"] == prior["weight"]
-    # w = 0 and the 7 octaves at least (points are skipped only when the machine is so loaded that the budget ends)
-    assert prior["scale"] > 0 and (len(prior["grid"]) >= 8 or "skipped" in prior["reason"])
-    valid = {e["weight"]: e["valid"]["ndcg@10/pes"] for e in prior["grid"]}
-    assert valid[prior["weight"]] == max(valid.values())  # chosen on validation
-    assert record["metrics"]["valid"]["ndcg@10/pes"] == pytest.approx(valid[prior["weight"]], abs=1e-12)
+    prior = report["priors"]
+    for key, weight in prior["weights"].items():  # the chosen weights travel in the checkpoint's config
+        assert ckpt_config["model"][key] == record["prior_weights"][key] == weight
+    assert set(prior["weights"]) == {"text_prior_weight", "transition_prior_weight"} and prior["scales"]
+    chosen = next(e for e in prior["grid"] if e["weights"] == prior["weights"])
+    assert chosen["valid"]["ndcg@10/pes"] == max(e["valid"]["ndcg@10/pes"] for e in prior["grid"])  # on validation
+    assert record["metrics"]["valid"]["ndcg@10/pes"] == pytest.approx(chosen["valid"]["ndcg@10/pes"], abs=1e-12)
+    if any(prior["weights"].values()):  # the model alone on test, reported beside the chosen scoring
+        assert set(record["metrics"]["test_without_priors"]) == set(record["metrics"]["test"])
     assert 2 <= len(report["trials"]) <= report["plan"]["num_samples"]
     assert report["time_s"]["budgeted"] < 120 + 30  # the budget is kept (stopping and writing overrun a little)
     assert report["memory"]["peak_pss_mb"] > 100 and report["throughput"]["probe_s_per_step"] > 0
@@ -211,7 +261,8 @@ def test_fit_end_to_end(ray_session, demo_dataset, tmp_path):
     from seqrec.serve.core import load_for_serving
 
     served = load_for_serving(source.checkpoint, source.dataset)  # what a Serve replica loads
-    assert served.model.config.text_prior_weight == record["text_prior_weight"]
+    assert served.model.config.text_prior_weight == record["prior_weights"]["text_prior_weight"]
+    assert served.model.config.transition_prior_weight == record["prior_weights"]["transition_prior_weight"]
     with pytest.raises(ValueError, match="already holds a fit"):
         fit(FitOptions(dataset=str(demo_dataset.path), model="sasrec", out=str(out)))
 
@@ -223,13 +274,14 @@ def test_bench_generalise_tables():
     bench = load_benchmark("bench_generalise")
     metrics = {"ndcg@10/pes": 0.08, "recall@10/pes": 0.12, "recall@1/pes": 0.05}
     cells = {("d", "sasrec"): [{"seed": s, "budget_s": 300.0, "metrics": {"valid": metrics, "test": {**metrics,
-                                "ndcg@10/pes": 0.07 + s / 100}}, "text_prior_weight": 2.0, "n_trials": 4,
+                                "ndcg@10/pes": 0.07 + s / 100}}, "n_trials": 4,
+                                "prior_weights": {"text_prior_weight": 2.0, "transition_prior_weight": 0.0},
                                 "time_s": {"budgeted": 290.0}, "throughput": {"probe_s_per_step": 0.4,
                                 "probe_tokens_per_s": 5000.0}, "memory": {"peak_pss_mb": 4000.0},
                                 "sized": {"model.params.dim": 256, "train.steps": 315}} for s in (0, 1)]}
     base = {"markov": {"valid": metrics, "test": {**metrics, "ndcg@10/pes": 0.074}},
             "lir_text": {"valid": metrics, "test": {**metrics, "ndcg@10/pes": 0.05}}}
     text = bench.dataset_table("d", cells, base, ["sasrec", "bert4rec"])
-    assert "s0 0.0700 (w=2)" in text and "s1 0.0800" in text and "bert4rec" in text and "not run yet" in text
+    assert "s0 0.0700 (text=2)" in text and "s1 0.0800" in text and "bert4rec" in text and "not run yet" in text
     assert "sasrec test NDCG@10 0.0750: markov beaten, lir_text beaten" in text
     assert "0.400 s/step" in text and "4000 MB" in text

@@ -1,6 +1,8 @@
 """ID models: chunked softmax numerics, Bert4Rec masking rules, packing masks/positions, per-model smoke tests."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -360,3 +362,48 @@ def test_cli_register_adds_train_subcommand():
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--config", "tiny_demo", "--set", "train.steps=3"])
     assert args.func is cli.run and args.overrides == ["train.steps=3"]
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec"])
+def test_transition_prior_adds_log_transition_counts(name, tmp_path):
+    """transition_prior_weight w (models/transition_prior.py): score_all = score_all at weight 0 + w * log(1 + how
+    often j followed the last history item in training), hand-counted on a 5-item catalog; an empty history and
+    unseen transitions add nothing; weight 0 is bit-identical; bound by load_model's params, never saved."""
+    from safetensors.torch import load_file
+
+    from seqrec.models.registry import bind_dataset, load_model, model_config_dict
+    from seqrec.train.checkpoint import save_model_files
+
+    class Tiny:  # the two things bind_dataset's transition binding reads from a dataset
+        n_items = 5
+
+        @staticmethod
+        def train_sequences():
+            return [np.array([0, 1, 2]), np.array([0, 1]), np.array([3, 1, 0]), np.array([4])]
+
+        @staticmethod
+        def train_item_counts():
+            return np.array([3, 3, 1, 1, 1])
+
+    torch.manual_seed(0)
+    model = build_model(name, TINY, 5).eval()
+    batch = make_batch([np.array([2, 0]), np.array([1]), np.array([4]), np.zeros(0, dtype=np.int64)], None,
+                       max_len=model.max_len)
+    plain = model.score_all(batch)
+    save_model_files(model, tmp_path / "ckpt", {"model_name": name, "model": model_config_dict(model), "n_items": 5})
+    again, meta = load_model(tmp_path / "ckpt", params={"transition_prior_weight": 2.0})
+    bind_dataset(again, Tiny, use_ray=False)
+    got = again.score_all(batch) - plain
+    expected = torch.zeros(4, 5)
+    expected[0, 1] = 2.0 * math.log(3)  # last item 0: followed by 1 twice
+    expected[1, 2] = expected[1, 0] = 2.0 * math.log(2)  # last item 1: followed by 2 once, by 0 once
+    assert torch.allclose(got, expected, atol=1e-5)  # rows 2 (item 4: no successor) and 3 (empty): nothing
+    again.config.transition_prior_weight = 0.0
+    assert torch.equal(again.score_all(batch), plain)
+    save_model_files(again, tmp_path / "ckpt2", {"model_name": name, "model": model_config_dict(again), "n_items": 5})
+    assert not any("prior" in k for k in load_file(str(tmp_path / "ckpt2" / "model.safetensors")))
+    unbound, _ = load_model(tmp_path / "ckpt", params={"transition_prior_weight": 1.0})
+    with pytest.raises(RuntimeError, match="bind"):
+        unbound.score_all(batch)
+    with pytest.raises(ValueError, match="transition_prior_weight"):
+        build_model(name, {**TINY, "transition_prior_weight": -1.0}, 5)

@@ -125,6 +125,14 @@ class ItemTransition:
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         last = last_items(batch).cpu()  # (B,)
         scores = self.backoff.expand(len(last), -1).clone()  # (B, N) float64: counts + backoff stay exact
+        rows, items, counts = self.transitions(last)
+        scores[rows, items] += counts
+        return scores
+
+    def transitions(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, items, counts), flat: every training transition out of each row's last item (PAD: none).
+        Shared with the transition prior (models/transition_prior.py)."""
+        last = last.cpu()
         safe = last.clamp(min=0)
         lo, hi = self.offsets[safe], self.offsets[safe + 1]
         hi = torch.where(last >= 0, hi, lo)  # empty history: popularity only
@@ -132,8 +140,7 @@ class ItemTransition:
         rows = torch.repeat_interleave(torch.arange(len(last)), n)
         start = torch.repeat_interleave(n.cumsum(0) - n, n)  # where each row's run begins in the flat list
         idx = torch.repeat_interleave(lo, n) + torch.arange(int(n.sum())) - start  # (sum n,) CSR positions
-        scores[rows, self.next_items[idx]] += self.counts[idx]
-        return scores
+        return rows, self.next_items[idx], self.counts[idx]
 
 
 BASELINES = {cls.name: cls for cls in (MostPop, LastItemRepeater, LastItemBM25, LastItemText, ItemTransition)}

@@ -1,7 +1,7 @@
 """What a fit leaves behind: the chosen model as a scoring checkpoint, the best record, and the fit report.
 
     <out>/model/            model.safetensors + config.json of the selected checkpoint, its config carrying the
-                            chosen scoring params (text_prior_weight): every reader that loads a checkpoint
+                            chosen scoring params (text_prior_weight, transition_prior_weight): every reader that loads a checkpoint
                             (seqrec evaluate, seqrec serve, registry.load_model) scores with them, nothing else
                             has to know about the fit
     <out>/best.json         the best record (the shape of a Tune sweep's best.json: checkpoint, dataset, config,
@@ -51,16 +51,16 @@ def write_scoring_checkpoint(source: str | Path, out_dir: Path, params: dict[str
 def best_record(*, name: str, out_dir: Path, dataset_path: str, sweep_record: dict[str, Any], checkpoint: Path,
                 prior: dict[str, Any], metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
     """The best record: the sweep's winner (trial, step, swept params, config) with the fit's scoring checkpoint
-    and the chosen text-prior weight, and its validation and test metrics with that weight."""
+    and the chosen prior weights, and its validation and test metrics with those weights."""
     config = json.loads(json.dumps(sweep_record["config"]))  # a copy
-    config["model"]["params"]["text_prior_weight"] = prior["weight"]
+    config["model"]["params"].update(prior["weights"])
     return {
         "name": name, "kind": "fit", "checkpoint": str(checkpoint.resolve()), "dataset": str(dataset_path),
         "model": sweep_record["model"], "trial_id": sweep_record["trial_id"], "step": sweep_record["step"],
         "source_checkpoint": sweep_record["checkpoint"], "sweep_dir": sweep_record["sweep_dir"],
-        "selection": {**sweep_record["selection"], "text_prior": "chosen on validation"},
-        "text_prior_weight": prior["weight"],  # also in <checkpoint>/config.json, which is what readers apply
-        "params": {**sweep_record["params"], "model.params.text_prior_weight": prior["weight"]},
+        "selection": {**sweep_record["selection"], "priors": "chosen on validation"},
+        "prior_weights": prior["weights"],  # also in <checkpoint>/config.json, which is what readers apply
+        "params": {**sweep_record["params"], **{f"model.params.{k}": v for k, v in prior["weights"].items()}},
         "config": config, "metrics": metrics, "n_trials": sweep_record["n_trials"],
         "reproduce": f"seqrec evaluate --best-record {out_dir.resolve() / BEST_FILE}",
     }

@@ -7,7 +7,7 @@ SHOWN = ("ndcg@10/pes", "recall@10/pes", "recall@1/pes", "mrr/pes")
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    m, t, plan, prior = report["metrics"], report["time_s"], report["plan"], report["text_prior"]
+    m, t, plan, prior = report["metrics"], report["time_s"], report["plan"], report["priors"]
     sized = {d["setting"]: d["value"] for d in report["sizing"]["decisions"]}  # later decisions win
     lines = [
         f"seqrec fit {report['model']} on {report['profile']['name']} (seed {report['seed']}): "
@@ -18,7 +18,8 @@ def summary_text(report: dict[str, Any]) -> str:
                                          "model.params.mask_prob", "train.steps", "train.batch_size")),
         f"  winner: trial {report['winner']['trial_id']} step {report['winner']['step']} "
         f"{ {k.split('.')[-1]: v for k, v in report['winner']['params'].items()} }",
-        f"  text prior: w={prior['weight']:g} ({prior['reason']})",
+        "  priors: " + (", ".join(f"{k}={v:g}" for k, v in prior["weights"].items()) or "none")
+        + f" ({prior['reason']})",
         f"  throughput: {report['throughput']['probe_s_per_step']:.3f} s/step "
         f"({report['throughput']['probe_tokens_per_s']:.0f} tokens/s, probe); peak memory (PSS) "
         f"{report['memory']['peak_pss_mb']:.0f} MB",

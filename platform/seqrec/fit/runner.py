@@ -4,7 +4,7 @@
     2. the catalog's text features, once (cached in the dataset directory; not counted in the budget)
     3. a throughput probe -> the budget plan: the steps and trials that fit     (seqrec.fit.probe, .search)
     4. the budgeted ASHA search on validation NDCG@10 pes (seqrec.tune)        (seqrec.fit.search)
-    5. the text-prior weight of the winner, on validation                      (seqrec.fit.prior)
+    5. the winner's scoring priors (text, transition), on validation          (seqrec.fit.prior)
     6. the scoring checkpoint, best record, fit report; the test split is evaluated once, here at the end
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from seqrec.fit.sizing import Decision, Sizing, check_fittable, profile_dataset,
 
 log = logging.getLogger(__name__)
 SEARCH_DIR = "search"
-FINAL_PASSES_MARGIN = 4  # the final validation and test passes, at a margin of 2
+FINAL_PASSES_MARGIN = 6  # the final validation and two test passes, at a margin of 2
 
 
 @dataclass
@@ -78,17 +78,18 @@ def fit(opts: FitOptions) -> dict[str, Any]:
         sweep_record = run_search(grid, out, opts.overrides, opts.address)
         search_s = time.monotonic() - t_search
 
-        from seqrec.fit.prior import choose_text_prior
+        from seqrec.fit.prior import choose_priors
 
         t_prior = time.monotonic()
-        # the grid stops where the budget would not leave time for the final validation and test passes
+        # the refinement is skipped where the budget would not leave time for the final passes
         deadline = t_start + prep_s + opts.budget_s - FINAL_PASSES_MARGIN * measured.eval_s - 10.0
-        prior = choose_text_prior(sweep_record["checkpoint"], family.model, dataset, deadline=deadline)
+        prior = choose_priors(sweep_record["checkpoint"], family.model, dataset, deadline=deadline)
         prior_s = time.monotonic() - t_prior
-        model_dir = write_scoring_checkpoint(sweep_record["checkpoint"], out, {"text_prior_weight": prior.weight}
-                                             if prior.scale is not None else {},
-                                             note={"text_prior": prior.reason})
-        metrics = final_metrics(str(dataset.path), model_dir)  # the only test evaluation of the fit
+        model_dir = write_scoring_checkpoint(sweep_record["checkpoint"], out, prior.weights,
+                                             note={"priors": prior.reason})
+        # the only test evaluations of the fit: the chosen model, and (reported, never used) the model alone
+        metrics = final_metrics(str(dataset.path), model_dir,
+                                without_priors={k: 0.0 for k in prior.weights} if any(prior.weights.values()) else None)
         record = best_record(name=out.name, out_dir=out, dataset_path=str(dataset.path.resolve()),
                              sweep_record=sweep_record, checkpoint=model_dir, prior=prior.as_dict(), metrics=metrics)
         atomic_write_json(record, out / BEST_FILE)
@@ -98,10 +99,10 @@ def fit(opts: FitOptions) -> dict[str, Any]:
         "sizing": sizing.as_dict(), "probe": measured.as_dict(), "plan": plan.as_dict(),
         "trials": trial_summaries(out / SEARCH_DIR),
         "winner": {k: sweep_record[k] for k in ("trial_id", "step", "params", "checkpoint")},
-        "text_prior": prior.as_dict(), "metrics": metrics,
+        "priors": prior.as_dict(), "metrics": metrics,
         "time_s": {"total": round(time.monotonic() - t_start, 1), "text_features": round(prep_s, 1),
                    "budgeted": round(time.monotonic() - t_start - prep_s, 1), "search": round(search_s, 1),
-                   "text_prior": round(prior_s, 1), "budget": opts.budget_s},
+                   "priors": round(prior_s, 1), "budget": opts.budget_s},
         "memory": {**rss.as_dict(), "scope": "driver only (joined a cluster)" if opts.address else
                    "driver + local Ray instance (PSS summed over the process tree)"},
         "best_record": str(out / BEST_FILE), "checkpoint": str(model_dir),
@@ -152,7 +153,7 @@ def plan_fit(family: Family, sizing: Sizing, dataset, opts: FitOptions, spent_s:
     capped wide model beat a fully trained narrow one on validation (docs/fit.md)."""
     import math
 
-    from seqrec.fit.prior import N_PRIOR_EVALS
+    from seqrec.fit.prior import N_PRIOR_PASSES
     from seqrec.fit.probe import probe
     from seqrec.fit.search import experiment_base, plan_budget, rescheduled
     from seqrec.tune.runner import default_concurrency
@@ -161,7 +162,7 @@ def plan_fit(family: Family, sizing: Sizing, dataset, opts: FitOptions, spent_s:
     t0 = time.monotonic()
     measured = probe(experiment_base(family, sizing, str(dataset.path), "probe"), dataset)
     plan = plan_budget(opts.budget_s, spent_s + time.monotonic() - t0, sizing.train["steps"],
-                       sizing.train["eval_every"], measured, concurrency, N_PRIOR_EVALS,
+                       sizing.train["eval_every"], measured, concurrency, N_PRIOR_PASSES,
                        fixed_steps="train.steps" in opts.overrides)
     if plan.capped:
         sizing = rescheduled(sizing, plan.steps, f"capped by the budget ({math.floor(plan.search_s)} s of search)",
@@ -183,14 +184,20 @@ def write_base(family: Family, sizing: Sizing, dataset_path: str, out: Path) -> 
     return path
 
 
-def final_metrics(dataset_path: str, model_dir: Path) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of the scoring checkpoint, by `seqrec evaluate --checkpoint`'s own code."""
+def final_metrics(dataset_path: str, model_dir: Path,
+                  without_priors: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Validation and test metrics of the scoring checkpoint, by `seqrec evaluate --checkpoint`'s own code; with
+    `without_priors` (the prior weights at 0) also "test_without_priors": what the trained model alone scores
+    (`seqrec evaluate --model-param transition_prior_weight=0 ...`), reported so the priors' share is visible."""
     from seqrec.eval.cli import run_evaluation
 
     metrics = {}
     for split in ("valid", "test"):
         _, res = run_evaluation(dataset_path, [str(model_dir)], split=split)
         metrics[split] = next(iter(res.values()))["metrics"]
+    if without_priors:
+        _, res = run_evaluation(dataset_path, [str(model_dir)], split="test", model_params=without_priors)
+        metrics["test_without_priors"] = next(iter(res.values()))["metrics"]
     return metrics
 
 

@@ -3,7 +3,7 @@ validation NDCG@10 pes, one CPU per trial, as many trials at once as the cluster
 
 Budget arithmetic (all estimates come from the probe, seqrec.fit.probe):
     trial_s   = start-up + steps x step_s x contention + validations x eval_s x contention
-    reserve_s = what follows the search: the text-prior grid and the final test pass, plus writing
+    reserve_s = what follows the search: the prior grid and the final test pass, plus writing
     search_s  = budget - time already spent - reserve_s            (Tune's time_budget_s: a hard stop)
 The first round of trials (one per CPU) should end within 60% of search_s, leaving the rest to trials that
 ASHA mostly stops at their first rung; when the sized schedule does not fit, its steps are capped (the width is
@@ -59,8 +59,9 @@ def trial_seconds(steps: int, eval_every: int, probe: Probe) -> float:
 
 def reserve_seconds(probe: Probe, n_prior_evals: int) -> float:
     """After the search, at a margin of 2 on the passes: Tune's re-evaluation of the winner, the final validation
-    and test passes, and the text-prior grid (one validation pass per weight)."""
-    return POST_FIXED_S + 2.0 * (3 + n_prior_evals) * probe.eval_s
+    and two test passes (with and without the priors), and the prior grid (seqrec.fit.prior: two passes of the
+    model whatever the grid size, plus loading; its grid points cost about one more)."""
+    return POST_FIXED_S + 2.0 * (4 + n_prior_evals) * probe.eval_s
 
 
 def plan_budget(budget_s: float, spent_s: float, steps: int, eval_every: int, probe: Probe, concurrency: int,

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqrec.features.cache import pooled_tokens
-from seqrec.models import text_prior
+from seqrec.models import text_prior, transition_prior
 from seqrec.models.bert4rec import cloze_mask
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
 from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent, run_blocks
@@ -94,6 +94,9 @@ class FlareConfig:
     # from this model's own item features. Why: on Scientific lir_text alone ranks rare targets (1-4 training
     # occurrences) 2-3x better than the trained text path does (docs/models/flare.md).
     text_prior_weight: float = 0.0
+    # our option too: score_j += transition_prior_weight * log(1 + count(last -> j)) of the training transitions
+    # (models/transition_prior.py, the markov baseline's evidence), chosen on validation; 0 = off
+    transition_prior_weight: float = 0.0
     encoder: str = "minilm"  # frozen encoder name or local path (features come from the feature cache)
     max_text_tokens: int = 64
     text_dim: int | None = None  # encoder hidden size; None = read from the encoder's config at build time
@@ -331,6 +334,8 @@ class Flare(nn.Module):
         self.critiques: CritiqueTable | None = None
         self._cache: dict[str, torch.Tensor] | None = None
         self.text_prior = text_prior.TextPrior()  # pooled from item_tokens when first needed (_tables)
+        transition_prior.check_weight(config.transition_prior_weight, "flare")
+        self.transition_prior = transition_prior.TransitionPrior()  # attached by registry.bind_dataset
 
     # ------------------------------------------------------------------------------ features and catalog
     @staticmethod
@@ -619,7 +624,8 @@ class Flare(nn.Module):
             with torch.no_grad():  # (N, Dt) unit rows of the features held, so new items (add_items) are in it
                 self.text_prior.attach(pooled_tokens(self.item_tokens, self.item_token_mask,
                                                      self.config.text_chunk_items), self.n_items)
-        return self.text_prior.add(scores, batch, self.config.text_prior_weight)
+        scores = self.text_prior.add(scores, batch, self.config.text_prior_weight)
+        return self.transition_prior.add(scores, batch, self.config.transition_prior_weight)
 
 
 def _pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from seqrec.models.flare import Flare, FlareConfig
 from seqrec.models.recformer import Recformer, RecformerConfig
 from seqrec.models.sasrec import SASRec, SASRecConfig
 from seqrec.models.text_prior import bind_text_prior
+from seqrec.models.transition_prior import bind_transition_prior
 
 MODELS: dict[str, tuple[type[torch.nn.Module], type]] = {
     "sasrec": (SASRec, SASRecConfig),
@@ -98,12 +99,14 @@ def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True,
     train.fit_on "train+valid", also trained the validation targets). CALRec: the item texts. Recformer: the item
     attribute dicts (its item matrix is re-encoded only if they differ from the catalog it was saved with).
     SASRec / Bert4Rec with text_prior_weight > 0: the prior's table (models/text_prior.py; Flare pools its own
-    from the features above). Otherwise ID models: nothing."""
+    from the features above). Any ID model with transition_prior_weight > 0: the training transitions
+    (models/transition_prior.py). Otherwise ID models: nothing."""
     if getattr(model, "needs_item_features", False):
         from seqrec.models.flare import load_flare_features
 
         load_flare_features(model, dataset, use_ray=use_ray, keep_trained_ids=from_checkpoint)
     bind_text_prior(model, dataset, use_ray=use_ray)
+    bind_transition_prior(model, dataset)
     if hasattr(model, "attach_catalog"):
         model.attach_catalog(dataset.item_texts())
     if getattr(model, "needs_item_attributes", False):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from seqrec.models import text_prior
+from seqrec.models import text_prior, transition_prior
 from seqrec.models.chunked_softmax import chunked_cross_entropy, chunked_scores
 from seqrec.models.layers import Encoder, attention_mask, encode_queries, keep_recent
 
@@ -34,6 +34,9 @@ class SASRecConfig:
     # encoder's mean-pooled item features, lir_text's score; 0 = off. Not trained: chosen on validation.
     text_prior_weight: float = 0.0
     text_prior_encoder: str = "minilm"  # frozen encoder name or local path (the features come from the cache)
+    # scoring option (models/transition_prior.py): score_j += transition_prior_weight * log(1 + count(last -> j))
+    # of the training transitions, the markov baseline's evidence; 0 = off. Not trained: chosen on validation.
+    transition_prior_weight: float = 0.0
 
 
 class SASRec(nn.Module):
@@ -50,6 +53,8 @@ class SASRec(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(n_items)) if config.output_bias else None
         text_prior.check_weight(config.text_prior_weight, "sasrec")
         self.text_prior = text_prior.TextPrior(config.text_prior_encoder)  # table attached by registry.bind_dataset
+        transition_prior.check_weight(config.transition_prior_weight, "sasrec")
+        self.transition_prior = transition_prior.TransitionPrior()  # attached by registry.bind_dataset
 
     prepare_params = staticmethod(text_prior.prepare_params)  # driver side: fill the prior's feature cache
 
@@ -88,4 +93,5 @@ class SASRec(nn.Module):
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         scores = chunked_scores(self.user_vectors(batch), self.item_table(), self.out_bias)  # (B, V)
-        return self.text_prior.add(scores, batch, self.config.text_prior_weight)
+        scores = self.text_prior.add(scores, batch, self.config.text_prior_weight)
+        return self.transition_prior.add(scores, batch, self.config.transition_prior_weight)

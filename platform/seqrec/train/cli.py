@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from seqrec.config import load_config, parse_overrides
 
@@ -45,9 +44,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(func=run)
     return parser
 
-
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="seqrec-train", description=__doc__)
-    add_arguments(parser)
-    run(parser.parse_args(argv))
