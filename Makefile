@@ -27,8 +27,9 @@ install: $(BIN)/seqrec
 quickstart: install
 	$(BIN)/seqrec quickstart --workdir runs/quickstart
 
+# the slow tests (multi-node clusters, real-data end-to-end runs: `-m slow`) run in their own CI step, .ci/run
 test: install
-	$(BIN)/python -m pytest tests -q ; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest tests -q -m "not slow" ; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) runs

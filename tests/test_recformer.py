@@ -201,6 +201,22 @@ def test_stage2_item_matrix_is_frozen_and_stage1_refreshes():
     assert not torch.allclose(moving.item_matrix, first)
 
 
+def test_freeze_layers_stops_the_gradient_below_the_trained_layers():
+    torch.manual_seed(0)
+    cfg = RecformerConfig(encoder="tiny", tiny_dim=16, tiny_layers=2, tiny_heads=2, max_seq_tokens=48, max_attr_tokens=6,
+                          max_items=5, objective="finetune", freeze_layers=1)
+    model = Recformer(cfg, len(ITEMS)).attach_items(ITEMS).train()
+    model.before_step(0)
+    model.loss(model.sample_batch([(model.catalog, [np.array([0, 1, 2, 3])], 4, 0)], np.random.default_rng(0))).backward()
+    lower, upper = model.encoder.encoder.layer
+    frozen = [*model.encoder.embeddings.parameters(), model.token_type.weight, model.item_position.weight,
+              *lower.parameters()]
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    assert all(p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0 for p in upper.parameters())
+    with pytest.raises(ValueError, match="freeze_layers 3"):
+        Recformer(RecformerConfig(encoder="tiny", tiny_dim=16, tiny_layers=2, tiny_heads=2, freeze_layers=3), 4)
+
+
 def test_checkpoint_round_trip_reuses_the_item_matrix(tmp_path):
     from seqrec.models.registry import load_model
     from seqrec.train.checkpoint import save_model_files

@@ -504,3 +504,12 @@ def test_model_source_resolution(demo_dataset, tmp_path):
     auto = deployment_options(ReplicaOptions(min_replicas=1, max_replicas=3, target_ongoing_requests=4))
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
     assert deployment_options(ReplicaOptions(min_replicas=2, max_replicas=2))["num_replicas"] == 2
+
+
+def test_serving_device_follows_the_replicas_gpus():
+    """A replica scores on its GPU only when Ray gave it one (then torch sees CUDA); here, with none, the CPU."""
+    import torch
+
+    from seqrec.serve.core import serving_device
+
+    assert serving_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")

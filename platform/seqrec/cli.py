@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
         return result if isinstance(result, int) else 0  # `seqrec train` returns its summary dict
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError) as e:  # bad input or an unreachable storage endpoint
         logging.getLogger("seqrec").error("%s", e)
         return 2
 

@@ -785,11 +785,34 @@ def _dedupe_meta_bucket(group: pa.Table) -> pa.Table:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Where the Ray Data tasks of the running prepare ran: operator name -> node ids (from Ray Data's execution
+# stats, which record each block's producing node). A multi-node cluster's placement, read back into the report.
+_placement: dict[str, set[str]] = {}
+
+
+def _record_placement(ds) -> None:
+    """Add the nodes that produced `ds`'s blocks, and its parents' (the stats chain up to the read), to
+    `_placement`. Best effort: the stats are Ray Data internals, a version without them records nothing."""
+    raw_stats = getattr(ds, "_raw_stats", None)
+    stack = [raw_stats() if raw_stats is not None else None]
+    while stack:
+        stats = stack.pop()
+        if stats is None:
+            continue
+        for op_name, blocks in getattr(stats, "metadata", {}).items():
+            for block in blocks:
+                node = getattr(getattr(block, "exec_stats", None), "node_id", None)
+                if node:
+                    _placement.setdefault(op_name, set()).add(node)
+        stack.extend(getattr(stats, "parents", []))
+
+
 def _collect(ds, schema: pa.Schema | None = None) -> pa.Table:
     """Bring a (small: per-item / per-user / summary sized) dataset to the driver as one table."""
     import ray
 
     tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    _record_placement(ds)
     if not tables:
         if schema is None:
             schema = ds.schema(fetch_if_missing=True)
@@ -934,6 +957,7 @@ def _prepare(ray, review_files: list, meta_files: list, out_dir: Path, options: 
 
     word_limits = options.word_limits
     report: dict[str, Any] = {}
+    _placement.clear()
 
     # 1. Read and parse reviews. The parsed rows stay in the object store (materialized), not on the driver.
     source = json_lines_datasource(review_files)
@@ -1089,6 +1113,9 @@ def _prepare(ray, review_files: list, meta_files: list, out_dir: Path, options: 
         "invalid_prices_dropped": int(pc.sum(items.column("price_invalid")).as_py() or 0),
     }
     report["timings_s"] = timings
+    # nodes per Ray Data operator, and all of them: the driver's node too when it ran tasks (a one-node run: one)
+    report["placement"] = {"nodes": sorted(set().union(*_placement.values())),
+                           "operators": {op: sorted(nodes) for op, nodes in _placement.items()}}
     meta_json = {
         "source": SOURCE,
         "name": name,

@@ -203,7 +203,11 @@ class PreparedDataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PreparedDataset":
-        path = Path(path)
+        """`path`: the dataset directory, file:// URI of one, or an s3:// / gs:// URI (copied once into this
+        node's cache by seqrec.storage.local_copy: each node of a cluster reads its own copy)."""
+        from seqrec.storage import local_copy
+
+        path = local_copy(path, "datasets")
         meta_path = path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(

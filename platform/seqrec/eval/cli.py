@@ -18,13 +18,17 @@ def build_scorer(name: str, dataset, params: dict | None = None):
 
     if name in BASELINES:
         return BASELINES[name].from_dataset(dataset)
-    path = Path(name)
+    from seqrec.storage import is_remote, local_copy
+
+    if "://" in name:
+        is_remote(name)  # an unsupported scheme: ValueError naming the accepted ones
+    path = local_copy(name, "checkpoints") if "://" in name else Path(name)  # s3:// gs://: a cached copy
     if path.is_dir():
         from seqrec.models.registry import load_model
 
         model, _ = load_model(path, dataset=dataset, params=params)  # Flare: text features; CALRec: item texts
         return model
-    raise ValueError(f"unknown model {name!r}: expected one of {sorted(BASELINES)} or a checkpoint directory")
+    raise ValueError(f"unknown model {name!r}: expected one of {sorted(BASELINES)} or a checkpoint directory (or URI)")
 
 
 USER_SUBSETS = ("all", "cold-target")
@@ -74,8 +78,10 @@ def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, m
 
 def checkpoint_dataset(paths) -> str | None:
     """The dataset recorded in a checkpoint's config.json (CALRec records it), for --dataset's default."""
+    from seqrec.storage import local_copy
+
     for p in paths:
-        meta = Path(p) / "config.json"
+        meta = (local_copy(p, "checkpoints") if "://" in str(p) else Path(p)) / "config.json"
         if meta.exists():
             found = json.loads(meta.read_text()).get("dataset_path")
             if found:
@@ -173,9 +179,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="full-ranking NDCG/Recall/MRR (optimistic and pessimistic ties) of models on a split"
     )
-    p.add_argument("--dataset", default=None, help="a prepared dataset directory (default: the one a CALRec checkpoint records)")
+    p.add_argument("--dataset", default=None, help="a prepared dataset directory or its URI, file:// s3:// gs:// (default: the one a CALRec checkpoint records)")
     p.add_argument("--model", action="append", help="baseline name (mostpop, lir, lir_bm25, lir_text, markov) or checkpoint dir; repeatable")
-    p.add_argument("--checkpoint", action="append", help="a trained model's checkpoint directory; repeatable")
+    p.add_argument("--checkpoint", action="append", help="a trained model's checkpoint directory or its URI (s3://bucket/runs/<run>/checkpoint_...); repeatable")
     p.add_argument("--best-record", default=None,
                    help="a best record (best.json / summary.json path, its folder, or a name under --records-dir): "
                         "evaluates the checkpoint it names, with the scoring params saved in it (seqrec fit: the "

@@ -68,6 +68,9 @@ class RecformerConfig:
     token_type_embedding: bool = True  # ablation switches (paper Table 4)
     item_position_embedding: bool = True
     dedupe_negatives: bool = True
+    # CPU budget: freeze the embeddings (word, position, token type, item position) and the lowest N encoder
+    # layers, so backward stops at layer N (MiniLM has 6); 0 trains everything (the paper)
+    freeze_layers: int = 0
     encode_batch_size: int = 128  # items per forward when encoding the catalog
     score_batch_size: int = 32  # users per forward in score_all
     tiny_dim: int = 64
@@ -83,6 +86,8 @@ class RecformerConfig:
             raise ValueError("max_seq_tokens >= 2, max_attr_tokens >= 1 and max_items >= 1 are required")
         if not 0.0 <= self.mlm_prob < 1.0 or self.temperature <= 0:
             raise ValueError("mlm_prob must be in [0, 1) and temperature > 0")
+        if self.freeze_layers < 0:
+            raise ValueError("freeze_layers must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------ encoder
@@ -261,6 +266,8 @@ class Recformer(nn.Module):
             p.requires_grad_(config.objective == "pretrain")
         self.token_type.weight.requires_grad_(config.token_type_embedding)
         self.item_position.weight.requires_grad_(config.item_position_embedding)
+        if config.freeze_layers:
+            self._freeze_lower(config.freeze_layers)
         # I: the catalog encoded by this model (normalised rows), and which catalog that is
         self.register_buffer("item_matrix", torch.zeros(self.n_items, dim))
         self.register_buffer("item_matrix_key", torch.zeros(2, dtype=torch.long))
@@ -269,6 +276,21 @@ class Recformer(nn.Module):
         self.catalog: list[Sentence] | None = None
         self._catalog_key: torch.Tensor | None = None
         self._fresh_from_validation = False  # I was just re-encoded by before_validation (weights unchanged since)
+
+    def _freeze_lower(self, n_layers: int) -> None:
+        """No gradient for the embedding sum (A, B, C, D and its LayerNorm) and encoder layers 0..n_layers-1: on a
+        CPU the backward pass then costs the upper layers only, and the lower layers keep the encoder's text
+        understanding that the untrained model already ranks well with."""
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        if layers is None:
+            raise ValueError(f"{self.config.encoder}: freeze_layers needs a BERT-like encoder (encoder.layer)")
+        if n_layers > len(layers):
+            raise ValueError(f"freeze_layers {n_layers} > the encoder's {len(layers)} layers")
+        frozen = [*self.encoder.embeddings.parameters(), self.token_type.weight, self.item_position.weight]
+        for layer in layers[:n_layers]:
+            frozen += list(layer.parameters())
+        for p in frozen:
+            p.requires_grad_(False)
 
     @property
     def max_len(self) -> int:  # history items the evaluator / server pass in

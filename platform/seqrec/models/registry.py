@@ -116,12 +116,14 @@ def bind_dataset(model: torch.nn.Module, dataset, use_ray: bool = True,
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", dataset=None,
                use_ray: bool = True, params: dict[str, Any] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model in eval mode, config.json contents) from a checkpoint directory written by training; with
+    """(model in eval mode, config.json contents) from a checkpoint directory (or its URI) written by training; with
     `dataset` (a PreparedDataset), also bound to that catalog (bind_dataset). `params` override the saved model
     config (scoring settings such as text_prior_weight, whose table binding attaches when the weight is > 0; a key
     the config lacks is an error, and one that changes the architecture fails to load the weights). Binding again
     with another weight encodes nothing: the feature cache has the texts."""
-    checkpoint_dir = Path(checkpoint_dir)
+    from seqrec.storage import local_copy
+
+    checkpoint_dir = local_copy(checkpoint_dir, "checkpoints")  # a file:// path, or an s3:// / gs:// URI's copy
     meta = json.loads((checkpoint_dir / CONFIG_FILE).read_text())
     meta["model"] = drop_retired_options(meta["model_name"], meta["model"], checkpoint_dir)
     if params:

@@ -374,7 +374,8 @@ class Ingress:
 # ------------------------------------------------------------------------------------------- builder
 def deployment_options(opts, *, autoscale: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus},
+        "ray_actor_options": {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus,
+                              **({"resources": dict(opts.resources)} if opts.resources else {})},
         "max_ongoing_requests": opts.max_ongoing_requests,
         "health_check_period_s": opts.health_check_period_s,
         "health_check_timeout_s": opts.health_check_timeout_s,
@@ -382,6 +383,9 @@ def deployment_options(opts, *, autoscale: bool = True) -> dict[str, Any]:
     if autoscale and opts.max_replicas > opts.min_replicas:
         out["autoscaling_config"] = {"min_replicas": opts.min_replicas, "max_replicas": opts.max_replicas,
                                      "target_ongoing_requests": opts.target_ongoing_requests}
+        for key in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(opts, key) is not None:
+                out["autoscaling_config"][key] = getattr(opts, key)
     else:
         out["num_replicas"] = opts.min_replicas
     return out

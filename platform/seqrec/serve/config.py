@@ -46,9 +46,16 @@ class Limits:
 class ReplicaOptions:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # custom resources each replica asks for, e.g. {serve: 1}: replicas then land only on nodes offering them
+    # (cluster.yaml's gpu_serve type), and a replica that fits nowhere makes the autoscaler add such a node
+    resources: dict[str, float] = field(default_factory=dict)
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 8.0
+    # how long the load must stay above / below target before Serve adds / removes a replica; None keeps
+    # Serve's defaults (30 s up, 600 s down). Short delays suit bursty demo traffic, long ones spare cold starts.
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
     max_ongoing_requests: int = 64
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0

@@ -212,16 +212,23 @@ class LoadedModel:
                    if self.critique_cache is not None else {})}
 
 
-def load_for_serving(checkpoint: str, dataset: str, encoder_name: str = "minilm") -> LoadedModel:
-    """Load a checkpoint (the same `registry.load_model` as evaluation), attach text features when the
-    model reads them, and check it matches the catalog."""
+def serving_device() -> torch.device:
+    """Where a replica scores: its GPU when Ray gave it one (num_gpus > 0 sets CUDA_VISIBLE_DEVICES to it; with
+    num_gpus 0 Ray hides every GPU, so torch sees none), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_serving(checkpoint: str, dataset: str, encoder_name: str = "minilm",
+                     device: str | torch.device | None = None) -> LoadedModel:
+    """Load a checkpoint (the same `registry.load_model` as evaluation) onto `device` (default
+    serving_device()), attach text features when the model reads them, and check it matches the catalog."""
     from seqrec.models.registry import WEIGHTS_FILE, load_model
 
     from seqrec.data.dataset import PreparedDataset
 
     prepared = PreparedDataset.load(dataset)
     # the same catalog binding as training/evaluation; features encoded in-process (a replica is one small actor)
-    model, meta = load_model(checkpoint, dataset=prepared, use_ray=False)
+    model, meta = load_model(checkpoint, device=device or serving_device(), dataset=prepared, use_ray=False)
     encoder = critique_cache = None
     if getattr(model, "needs_item_features", False):
         from seqrec.features.encoder import FrozenTextEncoder
@@ -282,7 +289,10 @@ def rank(loaded: LoadedModel, catalog: Catalog, requests: Sequence[Prepared]) ->
 
                 tokens, mask = encode_critiques(texts, loaded.encoder, cache=loaded.critique_cache)
                 batch["critique_tokens"], batch["critique_mask"] = tokens, mask  # (B, Tc, D), (B, Tc)
-        scores = model.score_all(batch)  # (B, n_items)
+        device = next(model.parameters()).device
+        if device.type != "cpu":  # a GPU replica: inputs to its device, scores back for the top-k and JSON
+            batch = {k: v.to(device) for k, v in batch.items()}
+        scores = model.score_all(batch).cpu()  # (B, n_items)
         if scores.dtype not in (torch.float32, torch.float64):
             scores = scores.float()
         n = min(scores.shape[1], len(catalog))

@@ -7,7 +7,7 @@ from typing import Any
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # a prepared dataset directory (seqrec data prepare / demo)
+    path: str | None = None  # a prepared dataset directory (seqrec data prepare / demo), or its URI (s3://...)
     unisrec_dir: str | None = None  # or raw UniSRec atomic files (relative paths: from the working directory), prepared into cache_dir on first use
     cache_dir: str = "runs/data"
 
@@ -72,6 +72,9 @@ class TrainConfig:
         return self.fit_on == "train+valid"
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ScalingSection:
     num_workers: int = 1
@@ -80,14 +83,39 @@ class ScalingSection:
     strategy: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str = "zero2"  # named config in configs/deepspeed/ or a YAML path
     zero_stage: int | None = None  # overrides the YAML's zero_optimization.stage
-    max_failures: int = 0  # Ray Train FailureConfig: restarts from the latest checkpoint
+    max_failures: int = 0  # Ray Train FailureConfig: restarts from the latest checkpoint (a lost node included)
+    # how Ray places the workers (ScalingConfig.placement_strategy): PACK fills as few nodes as it can (the
+    # default, as before); STRICT_SPREAD puts every worker on its own node (a multi-node run of one worker per
+    # node); SPREAD spreads where it can; STRICT_PACK keeps all on one node
+    placement_strategy: str = "PACK"
+    # custom resources each worker asks for on top of CPU/GPU, e.g. {train: 1}: workers only land on nodes that
+    # offer them (cluster.yaml's gpu_train nodes offer `train`, one unit per GPU)
+    custom_resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"scaling.placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
+                             f"got {self.placement_strategy!r}")
+        reserved = {"CPU", "GPU", "cpu", "gpu"} & set(self.custom_resources)
+        if reserved:
+            raise ValueError(f"scaling.custom_resources: {sorted(reserved)} come from cpus_per_worker / use_gpu")
+        for key, value in self.custom_resources.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"scaling.custom_resources.{key} must be a number > 0, got {value!r}")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """What each Ray Train worker reserves: its CPUs, one GPU when use_gpu, and the custom resources."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {}),
+                **{k: float(v) for k, v in self.custom_resources.items()}}
 
 
 @dataclass
 class RunSection:
+    # the runs' root: a local path (a shared mount on a multi-node cluster) or a URI, file:// s3:// gs://
+    # (seqrec.storage); Ray Train writes the checkpoints there through pyarrow
     storage_path: str = "runs/train"
     name: str | None = None  # default: the experiment name
-    resume_from: str | None = None  # a checkpoint directory to continue from (step, optimizer, RNG)
+    resume_from: str | None = None  # a checkpoint directory (or its URI) to continue from (step, optimizer, RNG)
     address: str | None = None  # Ray address (None: RAY_ADDRESS or a private local instance)
     test: bool = True  # evaluate the best checkpoint on the test split at the end
 

@@ -14,11 +14,40 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from seqrec.config import read_yaml, resolve_config_path
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a worker's training step runs: the device type, the compute dtype, and who applies it. Under
+    DeepSpeed the engine's bf16 section casts the module (and its ZeRO shards) to bf16, so no autocast is added on
+    top; under DDP / one process the weights stay fp32 and torch.autocast runs the matmuls in bf16."""
+
+    device_type: str  # "cuda" or "cpu"
+    dtype: torch.dtype  # compute dtype of the forward pass
+    deepspeed_bf16: bool  # the `bf16.enabled` of a DeepSpeed config
+    use_autocast: bool  # wrap the forward in torch.autocast(device_type, dtype)
+
+    def autocast(self):
+        """The forward's autocast context, or None (fp32, or DeepSpeed's own bf16)."""
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.use_autocast else None
+
+
+def select_precision(use_gpu: bool, strategy: str = "ddp") -> Precision:
+    """bf16 on a GPU (the bf16 section under strategy=deepspeed, else autocast), fp32 on the CPU (bf16 autocast
+    on CPU is slower than fp32 there and DeepSpeed's CPU accelerator has no bf16 path we rely on). The one place
+    the training loops, the DeepSpeed config and the device kit (benchmarks/device/) take it from."""
+    if strategy not in ("ddp", "deepspeed"):
+        raise ValueError(f"unknown strategy {strategy!r}")
+    if not use_gpu:
+        return Precision("cpu", torch.float32, deepspeed_bf16=False, use_autocast=False)
+    deepspeed = strategy == "deepspeed"
+    return Precision("cuda", torch.bfloat16, deepspeed_bf16=deepspeed, use_autocast=not deepspeed)
 
 
 def ensure_env(use_gpu: bool) -> None:
@@ -33,7 +62,7 @@ def build_config(name_or_path: str, *, batch_size: int, grad_clip: float, use_gp
     cfg["train_micro_batch_size_per_gpu"] = batch_size
     cfg.setdefault("gradient_accumulation_steps", 1)
     cfg["gradient_clipping"] = float(grad_clip) if grad_clip else 0.0
-    cfg["bf16"] = {"enabled": bool(use_gpu)}  # bf16 on GPU; CPU stays fp32
+    cfg["bf16"] = {"enabled": select_precision(use_gpu, "deepspeed").deepspeed_bf16}  # bf16 on GPU; CPU stays fp32
     cfg.setdefault("zero_optimization", {})
     if zero_stage is not None:
         cfg["zero_optimization"]["stage"] = int(zero_stage)

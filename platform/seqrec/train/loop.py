@@ -251,6 +251,7 @@ def checkpoint_and_report(report: dict[str, Any], score: float, state: dict[str,
     import ray.train
     from ray.train import Checkpoint
 
+    from seqrec.storage import write_manifest
     from seqrec.train.deepspeed_utils import full_parameters
 
     if score > state["best_score"]:
@@ -279,6 +280,9 @@ def checkpoint_and_report(report: dict[str, Any], score: float, state: dict[str,
             ds_dir = Path(tmp) / "deepspeed"
             ds_dir.mkdir(exist_ok=True)
             engine.save_checkpoint(str(ds_dir), tag="state", save_latest=False)
+        if rank == 0:  # last: what a complete copy holds (seqrec.storage.local_copy refuses a partial upload)
+            world = ray.train.get_context().get_world_size()
+            write_manifest(tmp, expect=[rank_state_file(r) for r in range(world)] if rank_state is not None else [])
         ray.train.report(full, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
     return full
@@ -322,7 +326,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resume is not None:
         resume_dir = resume.to_directory()  # a local copy every rank can read
     elif config.get("resume_from"):
-        resume_dir = config["resume_from"]
+        from seqrec.storage import local_copy
+
+        resume_dir = str(local_copy(config["resume_from"], "checkpoints"))  # a URI: copied once to this node
     if resume_dir is not None:
         load_weights_into(model, resume_dir)
     model.to(device)
@@ -348,7 +354,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tc.valid_max_rows and len(valid_rows) > tc.valid_max_rows:
         valid_rows = valid_rows.subset(np.random.default_rng(tc.seed).permutation(len(valid_rows))[: tc.valid_max_rows])
     meta = experiment_meta(cfg, model, dataset.n_items)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (sc.use_gpu and not use_ds) else None
+    from seqrec.train.deepspeed_utils import select_precision
+
+    autocast = select_precision(sc.use_gpu, sc.strategy).autocast()  # bf16 on GPU (DeepSpeed's own under deepspeed)
 
     shadow: list[torch.nn.Module] = []  # ZeRO-3 only: rank 0's plain copy of the model for validation
 
@@ -382,7 +390,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         model.train()  # drops eval-time caches (Flare's text table) built from the averaged weights
             metrics = broadcast(metrics, world)
             score = float(metrics[tc.eval_metric])
-        rs = {"torch_rng": torch.get_rng_state(), "stream": stream.state()}
+        # node_id: where this rank ran (a multi-node run's placement, read back from the checkpoint)
+        rs = {"torch_rng": torch.get_rng_state(), "stream": stream.state(),
+              "node_id": ray.get_runtime_context().get_node_id()}
         if torch.cuda.is_available():
             rs["cuda_rng"] = torch.cuda.get_rng_state()
         checkpoint_and_report({"loss": last_loss, "seq_per_s": seq_per_s, "lr": scheduler.get_last_lr()[0],
@@ -455,8 +465,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def resolve_dataset(cfg: ExperimentConfig) -> str:
     """The prepared dataset the run trains on; with train.fit_on "train+valid" its refit copy (written once,
     beside it: <dataset>+valid)."""
+    from seqrec import storage
+
+    if cfg.data.path and storage.is_remote(cfg.data.path):
+        if cfg.train.refit:
+            raise ValueError("train.fit_on train+valid writes its refit copy beside the dataset: give a local data.path")
+        return storage.normalize(cfg.data.path)  # every worker copies it to its node (PreparedDataset.load)
     if cfg.data.path:
-        path = Path(cfg.data.path).resolve()
+        path = Path(storage.normalize(cfg.data.path))
     elif cfg.data.unisrec_dir:
         from seqrec.data.unisrec import prepare_unisrec
 
@@ -481,7 +497,7 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     `evaluate_best=False` skips the final evaluation (a sweep evaluates only its winner).
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from seqrec.data.dataset import PreparedDataset, atomic_write_json
@@ -490,8 +506,15 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     from seqrec.console import quiet_ray_data, train_logging_config, worker_env
     from seqrec.plots import HISTORY_FILE, run_curves
     from seqrec.ray_utils import init_ray
+    from seqrec import storage as st
 
     sc = cfg.scaling
+    storage = st.normalize(cfg.run.storage_path)  # a local path, or a URI Ray Train writes through pyarrow
+    st.check_bucket(storage)  # a missing bucket: one line now, not a traceback from Ray's first upload
+    storage_path, storage_fs = st.ray_storage(storage)
+    resume_from = st.normalize(cfg.run.resume_from) if cfg.run.resume_from else None
+    if resume_from:
+        check_checkpoint(resume_from)
     init_ray(address=cfg.run.address)
     dataset_path = resolve_dataset(cfg)
     dataset = PreparedDataset.load(dataset_path)
@@ -508,24 +531,26 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     quiet_ray_data(train_ds)  # its split to the workers runs no task: a progress bar would say nothing
 
     name = cfg.run.name or cfg.name
-    storage = str(Path(cfg.run.storage_path).resolve())
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath(), **worker_env()}
+    run_dir = local_run_dir(storage, name)
+    # AWS_* / GOOGLE_* / SEQREC_CACHE_DIR: workers read remote datasets and resume_from checkpoints themselves
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": _pythonpath(), **st.worker_env(), **worker_env()}
     if sc.strategy == "deepspeed" and not sc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": asdict(cfg), "dataset_path": dataset_path,
-                           "fail_marker": str(Path(storage) / name / ".fault_injected"),
-                           "history_path": str(Path(storage) / name / HISTORY_FILE),  # curves.png is drawn from it
-                           "pg_record": str(Path(storage) / name / PG_RECORD),
+                           "fail_marker": str(run_dir / ".fault_injected"),
+                           "history_path": str(run_dir / HISTORY_FILE),  # curves.png is drawn from it
+                           "pg_record": str(run_dir / PG_RECORD),
                            # Train V2 dropped resume_from_checkpoint: the worker falls back to this directory
                            # when Ray has no checkpoint of this run yet (a restart after a failure has one)
-                           "resume_from": str(Path(cfg.run.resume_from).resolve()) if cfg.run.resume_from else None},
+                           "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                     resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+                                     resources_per_worker=sc.resources_per_worker(),
+                                     placement_strategy=sc.placement_strategy),
         run_config=RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"),
@@ -534,6 +559,10 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
             logging_config=train_logging_config(),
         ),
         datasets={"train": train_ds},
+        # the split ignores where the workers run: the blocks all sit in this driver's object store, so locality
+        # saves no transfer, and with it the users a rank trains on (hence the weights) would depend on the
+        # placement: a 2-node run would not reproduce a 1-node one
+        dataset_config=DataConfig(enable_shard_locality=False),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -541,16 +570,17 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     if result.error:
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SCORE_KEY])
-    best_dir = best_ckpt.path
+    best_dir = st.uri_of(best_ckpt.filesystem, best_ckpt.path)  # s3://... when the storage is remote
     summary: dict[str, Any] = {
         "name": name, "model": cfg.model.name, "train_seconds": round(train_seconds, 1),
         "final_step": result.metrics.get("step"), "best_step": best_metrics.get("step"),
-        "best_checkpoint": best_dir, "latest_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "best_checkpoint": best_dir,
+        "latest_checkpoint": st.uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else None,
         "seq_per_s_last": result.metrics.get("seq_per_s"),
     }
     if not evaluate_best:
         return summary
-    model, _ = load_model(best_dir, dataset=dataset)
+    model, _ = load_model(best_dir, dataset=dataset)  # a URI: copied once into the cache
     table_rows = {}
     splits = ("valid", "test") if cfg.run.test else ("valid",)
     if cfg.train.refit:  # validation targets were trained on: their metrics would mean nothing
@@ -563,11 +593,39 @@ def run_experiment(cfg: ExperimentConfig, datasets_blocks: int | None = None, ca
     summary["table"] = format_table(table_rows)
     print(f"\n[{name}] best checkpoint {best_dir} (step {summary['best_step']}), training wall time "
           f"{train_seconds:.0f}s\n{summary['table']}\n", flush=True)
-    curves = run_curves({name: Path(storage) / name}, cfg.train.eval_metric, Path(storage) / name,
-                        f"{name} ({cfg.model.name})")
+    curves = run_curves({name: run_dir}, cfg.train.eval_metric, run_dir, f"{name} ({cfg.model.name})")
     summary["curves"] = str(curves) if curves else None
-    atomic_write_json(summary, Path(storage) / name / "summary.json")
+    atomic_write_json(summary, run_dir / "summary.json")
+    if st.is_remote(storage):  # beside the checkpoints, for whoever reads the run from its storage
+        st.upload_dir(run_dir, st.join(storage, name))
     return summary
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "train_state.pt")
+
+
+def check_checkpoint(path: str) -> None:
+    """run.resume_from must name a whole checkpoint: a missing path or a partial upload (a copy cut short) is
+    refused here, before any worker starts."""
+    from seqrec import storage as st
+
+    missing = [f for f in CHECKPOINT_FILES if not st.exists(st.join(path, f))]
+    if missing:
+        raise FileNotFoundError(f"run.resume_from {path} is not a complete checkpoint: {', '.join(missing)} missing")
+
+
+def local_run_dir(storage: str, name: str) -> Path:
+    """Where a run's side files go: the curves' history (appended by rank 0), the placement-group record, the
+    fault-injection marker, summary.json and curves.png. For local storage that is the run's own directory. An
+    object store (s3://, gs://) cannot append, so a remote run keeps them in a local folder of the cache (keyed
+    by the storage URI) and uploads them beside the checkpoints at the end."""
+    import hashlib
+
+    from seqrec.storage import cache_root, is_remote
+
+    if not is_remote(storage):
+        return Path(storage) / name
+    return cache_root() / "runs" / hashlib.sha256(storage.encode()).hexdigest()[:20] / name
 
 
 def _pythonpath() -> str:

@@ -125,7 +125,7 @@ class GridConfig:
     space: dict[str, SpaceSpec] = field(default_factory=dict)  # dotted key -> distribution
     derived: dict[str, DerivedSpec] = field(default_factory=dict)  # dotted key -> times x another key
     tune: TuneSection = field(default_factory=TuneSection)
-    storage_path: str = "runs/tune"  # the sweep writes <storage_path>/<name>/
+    storage_path: str = "runs/tune"  # the sweep writes <storage_path>/<name>/ (a local path or file://, not s3://)
 
 
 def parse_grid(data: dict[str, Any], where: str = "grid") -> GridConfig:

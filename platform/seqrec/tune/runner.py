@@ -105,7 +105,16 @@ def make_trainable(sweep: dict[str, Any]):
 
 # ------------------------------------------------------------------------------------------ the driver
 def sweep_dir_for(grid: GridConfig, name: str | None = None, storage_path: str | None = None) -> Path:
-    return Path(storage_path or grid.storage_path).resolve() / (name or grid.name)
+    """<storage_path>/<name>: a local path or file:// URI (a shared mount on a multi-node cluster). A sweep
+    globs, restores and rewrites its own directory as files, so object storage (s3://, gs://) is refused
+    here; its trials' checkpoints can still be copied there afterwards."""
+    from seqrec.storage import is_remote, normalize
+
+    path = storage_path or grid.storage_path
+    if is_remote(path):
+        raise ValueError(f"seqrec tune needs a local or shared-mount storage_path, got {path!r} (object storage "
+                         f"is supported by seqrec train / evaluate, not by sweeps)")
+    return Path(normalize(path)) / (name or grid.name)
 
 
 def default_concurrency(scaling: dict[str, Any], trial_cpus: float = 0.0) -> int:
