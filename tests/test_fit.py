@@ -114,24 +114,24 @@ def test_budget_plan():
     from seqrec.fit.search import plan_budget
 
     probe = Probe(dim=256, step_s=0.1, slots_per_step=2048, eval_s=2.0, table_s=0.0, steps_timed=10)
-    # reserve = 45 + 2 x (3 + 12 passes) x 2 = 105 s; search = 600 - 20 - 105 = 475 s
-    # a trial: 20 + 1.25 x (1000 x 0.1 + ceil(1000 / 66) = 16 validations x 2) = 185 s <= 0.6 x 475: not capped
-    plan = plan_budget(600, 20, 1000, 66, probe, concurrency=2, n_prior_evals=12)
-    assert (plan.reserve_s, plan.search_s, plan.trial_s, plan.capped) == (105.0, 475.0, 185.0, False)
-    assert plan.num_samples == 2 * 5  # 475 / (0.45 x 185) = 5.7 rounds of 2
-    # 3,000 steps (a 432 s trial) do not fit 60% of the search: a trial's work is (0.6 x 475 - 20) / 1.25 = 212 s,
-    # of which 15 validations take 30 s: (212 - 30) / 0.1 = 1820 steps; that trial takes 287.5 s, 3 rounds of 2
-    plan = plan_budget(600, 20, 3000, 200, probe, concurrency=2, n_prior_evals=12)
-    assert plan.capped and (plan.steps, plan.validations, plan.num_samples) == (1820, 15, 6)
-    assert "3000 -> 1820" in plan.notes[0]
-    # validations of 10 s (Flare's text table): reserve 45 + 2 x 15 x 10 = 345 s, search 535 s, a trial's work
-    # (0.6 x 535 - 20) / 1.25 = 240.8 s; 15 validations would take 150 s: only 7 (30% of it), 1708 steps
+    # reserve = 45 + 2 x (4 + 4 prior passes) x 2 = 77 s; search = 600 - 20 - 77 = 503 s
+    # a trial: 20 + 1.25 x (1000 x 0.1 + ceil(1000 / 66) = 16 validations x 2) = 185 s <= 0.6 x 503: not capped
+    plan = plan_budget(600, 20, 1000, 66, probe, concurrency=2, n_prior_evals=4)
+    assert (plan.reserve_s, plan.search_s, plan.trial_s, plan.capped) == (77.0, 503.0, 185.0, False)
+    assert plan.num_samples == 12  # 503 / (0.45 x 185) = 6.04 rounds of 2, at most MAX_TRIALS
+    # 3,000 steps (a 432 s trial) do not fit 60% of the search: a trial's work is (0.6 x 503 - 20) / 1.25 = 225.4 s,
+    # of which 15 validations take 30 s: (225.4 - 30) / 0.1 = 1954 steps; that trial takes 304 s, 3 rounds of 2
+    plan = plan_budget(600, 20, 3000, 200, probe, concurrency=2, n_prior_evals=4)
+    assert plan.capped and (plan.steps, plan.validations, plan.num_samples) == (1954, 15, 6)
+    assert "3000 -> 1954" in plan.notes[0]
+    # validations of 10 s (Flare's text table): reserve 45 + 2 x 8 x 10 = 205 s, search 675 s, a trial's work
+    # (0.6 x 675 - 20) / 1.25 = 308 s; 15 validations would take 150 s: only 9 (30% of it), 2180 steps
     slow_eval = Probe(dim=256, step_s=0.1, slots_per_step=2048, eval_s=10.0, table_s=9.0, steps_timed=10)
-    plan = plan_budget(900, 20, 3000, 200, slow_eval, concurrency=2, n_prior_evals=12)
-    assert plan.capped and (plan.validations, plan.steps) == (7, 1708)
-    assert not plan_budget(600, 20, 3000, 200, probe, 2, 12, fixed_steps=True).capped  # --set train.steps
+    plan = plan_budget(900, 20, 3000, 200, slow_eval, concurrency=2, n_prior_evals=4)
+    assert plan.capped and (plan.validations, plan.steps) == (9, 2180)
+    assert not plan_budget(600, 20, 3000, 200, probe, 2, 4, fixed_steps=True).capped  # --set train.steps
     with pytest.raises(ValueError, match="budget-s"):
-        plan_budget(100, 20, 1000, 66, probe, concurrency=2, n_prior_evals=12)
+        plan_budget(100, 20, 1000, 66, probe, concurrency=2, n_prior_evals=4)
 
 
 def test_search_grid_is_centred_on_the_sizing(tmp_path):
