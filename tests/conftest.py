@@ -40,6 +40,23 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def free_leftover_placement_groups():
+    """After each test, remove placement groups still reserved in the shared Ray instance. Tests run one at a
+    time, so none belongs to a live run; a Train run stopped by Tune (ASHA) can leave its group reserved, and in
+    the shared instance the next test's trainer would then wait for CPUs forever (seen as a suite hang)."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info.get("state") == "CREATED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
     """A small synthetic dataset (prepared layout) with learnable sequential structure."""
