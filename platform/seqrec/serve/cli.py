@@ -12,7 +12,6 @@ replacement, which also drops nothing but starts new replicas.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -70,23 +69,18 @@ def start(settings: dict[str, Any], host: str, port: int, address: str | None = 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    with sigterm_as_interrupt():  # from the first moment: a SIGTERM during the deploy also shuts down cleanly
-        try:
-            url = start(_settings(args), args.host, args.port, args.address)
-            print(f"seqrec serving at {url} (OpenAPI docs: {url}/docs)")
-            print(curl_line(args.host, args.port))
-            if args.detach:
-                return 0
-            wait_forever()
-        except KeyboardInterrupt:
-            shutdown_serve()
+    url = start(_settings(args), args.host, args.port, args.address)
+    print(f"seqrec serving at {url} (OpenAPI docs: {url}/docs)")
+    print(curl_line(args.host, args.port))
+    if args.detach:
+        return 0
+    serve_until_stopped()
     return 0
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt inside the block (then the previous handler is back), so a server stopped
-    by its PID, even while it is still deploying, runs the same clean shutdown as Ctrl-C."""
+def serve_until_stopped() -> None:
+    """Block until Ctrl-C or SIGTERM, then shut Serve down (and the local Ray instance we started with it), so a
+    server stopped by its PID leaves no proxy, replica or raylet behind."""
     import signal
 
     def _terminate(signum, frame):
@@ -94,26 +88,17 @@ def sigterm_as_interrupt():
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        yield
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        import ray
+        from ray import serve
+
+        log.info("stopping: serve.shutdown()")
+        serve.shutdown()
+        ray.shutdown()  # a driver-started local instance goes with it; a cluster we joined keeps running
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def wait_forever() -> None:
-    while True:
-        time.sleep(3600)
-
-
-def shutdown_serve() -> None:
-    """Shut Serve down, and the local Ray instance we started with it (a cluster we joined keeps running), so no
-    proxy, replica or raylet is left behind."""
-    import ray
-    from ray import serve
-
-    log.info("stopping: serve.shutdown()")
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
 
 
 def serve_quickstart(workdir: str, port: int = 8000, host: str = "127.0.0.1") -> None:
@@ -122,14 +107,10 @@ def serve_quickstart(workdir: str, port: int = 8000, host: str = "127.0.0.1") ->
     records = sorted(Path(workdir, "checkpoints").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
     if not records:
         raise FileNotFoundError(f"no trained model under {workdir}/checkpoints to serve")
-    with sigterm_as_interrupt():
-        try:
-            url = start({"model": {"best_record": str(records[-1])}}, host, port)
-            print(f"\nseqrec serving {records[-1].parent.name} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops it")
-            print(curl_line(host, port))
-            wait_forever()
-        except KeyboardInterrupt:
-            shutdown_serve()
+    url = start({"model": {"best_record": str(records[-1])}}, host, port)
+    print(f"\nseqrec serving {records[-1].parent.name} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops it")
+    print(curl_line(host, port))
+    serve_until_stopped()
 
 
 def write_yaml(obj: dict[str, Any], path: Path) -> None:
