@@ -43,13 +43,9 @@ def _ray_overrides(zero_stage: int, work: Path, name: str) -> dict[str, Any]:
             "run.name": f"kit_{name}"}
 
 
-def run_id_model(name: str, preset: str, tiny_params: dict[str, Any], gpu_params: dict[str, Any] | None = None,
-                 argv: list[str] | None = None, zero_stage: int = 2) -> dict[str, Any]:
+def _start(name: str, argv):
+    """What every script does first: arguments, the CUDA check, the budget, the path, threads, the dataset."""
     import torch
-
-    from seqrec.config import load_config
-    from seqrec.models.registry import bind_dataset, build_model
-    from seqrec.train.config import ExperimentConfig
 
     C.setup_logging()
     args = C.parse_args(name, argv)
@@ -60,6 +56,18 @@ def run_id_model(name: str, preset: str, tiny_params: dict[str, Any], gpu_params
     torch.set_num_threads(1 if args.tiny else max(1, torch.get_num_threads()))
     work = C.workdir(args)
     dataset = C.tiny_dataset(work) if args.tiny else C.scientific_dataset(args, work)
+    return args, device, t_start, path, work, dataset
+
+
+def run_id_model(name: str, preset: str, tiny_params: dict[str, Any], gpu_params: dict[str, Any] | None = None,
+                 argv: list[str] | None = None, zero_stage: int = 2) -> dict[str, Any]:
+    import torch
+
+    from seqrec.config import load_config
+    from seqrec.models.registry import bind_dataset, build_model
+    from seqrec.train.config import ExperimentConfig
+
+    args, device, t_start, path, work, dataset = _start(name, argv)
     params = dict(tiny_params if args.tiny else gpu_params or {})
     if "encoder" in params:  # Flare: the frozen text encoder that fills the feature cache
         params["encoder"] = C.tiny_text_encoder(work) if args.tiny else C.text_encoder(args, work)
@@ -106,15 +114,7 @@ def run_staged_model(name: str, preset: str, tiny_params: dict[str, Any], gpu_pa
     from seqrec.models.registry import bind_dataset, build_model
     from seqrec.train.staged_loop import load_staged_config
 
-    C.setup_logging()
-    args = C.parse_args(name, argv)
-    device = C.check_cuda(args)
-    C.budget_check(args)
-    t_start = time.perf_counter()
-    path = C.choose_path(args, device)
-    torch.set_num_threads(1 if args.tiny else max(1, torch.get_num_threads()))
-    work = C.workdir(args)
-    dataset = C.tiny_dataset(work) if args.tiny else C.scientific_dataset(args, work)
+    args, device, t_start, path, work, dataset = _start(name, argv)
     params = dict(tiny_params if args.tiny else gpu_params)
     if params.get("encoder") == "minilm" and not args.tiny:
         params["encoder"] = C.text_encoder(args, work)
