@@ -27,7 +27,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
+from seqrec.ray_utils import free_ports, pids_with_marker  # noqa: E402
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,27 +62,6 @@ SERVE_SETTINGS = {
 }
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def pids_using(marker: str) -> list[int]:
-    """Processes whose command line mentions `marker` (this cluster's private temp dir)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return [p for p in out if p != os.getpid()]
 
 
 def autoscaler_config(gcs_address: str, idle_timeout_s: float) -> dict[str, Any]:
@@ -196,7 +175,7 @@ class FakeCluster:
                 self.proc.kill()
         time.sleep(2)
         # the fake provider's raylets and their workers run under our temp dir too
-        for pid in pids_using(str(self.temp)):
+        for pid in pids_with_marker(str(self.temp)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

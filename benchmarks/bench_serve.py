@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -34,16 +33,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+from seqrec.ray_utils import free_ports  # noqa: E402
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentiles(lat_s: list[float]) -> dict[str, float]:
@@ -272,7 +267,7 @@ def main() -> None:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    port = free_port()
+    port = free_ports()[0]
     config = serve_config(settings, "127.0.0.1", port)
     dataset = PreparedDataset.load(config["applications"][0]["args"]["model"]["dataset"])
     histories = dataset.eval_rows("test").histories

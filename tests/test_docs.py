@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, load_benchmark
+from seqrec.ray_utils import free_ports
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
 # the only placeholders a documented command may contain, and what stands in for them when it is parsed
@@ -363,11 +363,6 @@ def tour_block() -> str:
     return tours[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def group_alive(pgid: int) -> bool:
     try:
@@ -386,7 +381,7 @@ def test_readme_tour_runs(tmp_path):
     script = tmp_path / "tour.sh"
     script.write_text(tour_block())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local Ray instance
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PORT=str(free_port()),
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PORT=str(free_ports()[0]),
                RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log_path = tmp_path / "tour.log"  # a file, not a pipe: nothing waits on a pipe a straggler holds open
     with open(log_path, "wb") as log:

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,31 +19,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from seqrec.ray_utils import ray_executable
+from seqrec.ray_utils import free_ports, pids_with_marker, ray_executable
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _pids_using(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return [p for p in out if p != os.getpid()]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +58,7 @@ def head(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     time.sleep(2)
-    for pid in _pids_using(str(temp)):  # anything of this cluster that outlived the head process
+    for pid in pids_with_marker(str(temp)):  # anything of this cluster that outlived the head process
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

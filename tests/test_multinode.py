@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from seqrec.ray_utils import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +41,6 @@ TRAIN_TIMEOUT_S = 400
 
 
 # ------------------------------------------------------------------------------------------ the cluster
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @dataclass
 class LocalCluster:
@@ -97,7 +92,7 @@ def start_cluster() -> LocalCluster:
     try:
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "temp_dir": str(temp_root / "ray"), "include_dashboard": False,
-            "dashboard_agent_listen_port": _free_port()})
+            "dashboard_agent_listen_port": free_ports()[0]})
         lc = LocalCluster(cluster, temp_root)
         lc.add_worker("node_a")
         lc.add_worker("node_b")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from seqrec.data.batching import make_batch
 from seqrec.models.registry import build_model, model_config_dict, save_state_dict
 from seqrec.retrieval.bm25 import BM25Index
 from seqrec.serve.fuzz import malformed_requests
+from seqrec.ray_utils import free_ports
 
 SASREC = {"max_len": 20, "dim": 16, "layers": 1, "heads": 2, "hidden": 32}
 
@@ -39,11 +39,6 @@ def write_checkpoint(path: Path, n_items: int, seed: int, dataset: str) -> Path:
     (path / "config.json").write_text(json.dumps(meta))
     return path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_settings(checkpoint: Path, **extra) -> dict:
@@ -61,7 +56,7 @@ def served(ray_session, demo_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     ckpt_a = write_checkpoint(root / "a", demo_dataset.n_items, 0, str(demo_dataset.path))
     ckpt_b = write_checkpoint(root / "b", demo_dataset.n_items, 1, str(demo_dataset.path))
-    port = free_port()
+    port = free_ports()[0]
     config = serve_config(small_settings(ckpt_a), "127.0.0.1", port)
     deploy_config(config)
     state = {"url": f"http://127.0.0.1:{port}", "a": ckpt_a, "b": ckpt_b, "config": config}

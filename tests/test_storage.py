@@ -14,20 +14,16 @@ import pyarrow.fs as pafs
 import pytest
 
 from seqrec import storage as st
+from seqrec.ray_utils import free_ports
 
 BUCKET = "seqrec-test"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server for this module, the AWS variables pointing at it and a bucket; stopped by its PID."""
-    port = _free_port()
+    port = free_ports()[0]
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT)

@@ -65,3 +65,34 @@ def ray_executable(name: str = "ray") -> str:
     if found is None:
         raise FileNotFoundError(f"no {name!r} executable beside {sys.executable} or on PATH (is ray installed?)")
     return found
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 right now (all held open together, so none repeats), for a private
+    `ray start` head, a Serve proxy or a local S3 server."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def pids_with_marker(marker: str) -> list[int]:
+    """Processes (other than this one) whose command line contains `marker`, e.g. a private Ray temp dir: what a
+    `ray start --block` head left running, found by its own dir and stopped by PID, never by name."""
+    from pathlib import Path
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return [p for p in out if p != os.getpid()]
