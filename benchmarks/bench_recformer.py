@@ -8,7 +8,8 @@ One process, one thread, no Ray (the staged loop's Ray Train wrapper adds nothin
 (`seqrec.eval.evaluator.evaluate`, full ranking over all 4,385 items, optimistic and pessimistic ties).
 
     profile    seconds of: encoding the whole catalog (an item-matrix refresh), one training step (forward +
-               backward + AdamW), scoring users
+               backward + AdamW) of mixed lengths and one of length-bucketed batches (`--length-buckets`),
+               scoring users
     untrained  the shipped MiniLM as Recformer with zero token-type / item-position tables (exactly the
                encoder): full test split, cold-target users, and the zero-shot catalog
     trained    per seed: finetuning against a frozen item matrix I (the untrained encoder's items: the paper's
@@ -18,7 +19,7 @@ One process, one thread, no Ray (the staged loop's Ray Train wrapper adds nothin
                evaluations
 Zero-shot: the Scientific-trained model ranks another catalog (the raw Magazine_Subscriptions sample) it never
 saw, re-encoding that catalog with its own weights. Prints and writes JSON to
-benchmarks/results/recformer_cpu_<time>.json.
+benchmarks/results/recformer_cpu_<time>_lr<lr>.json.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +85,50 @@ def three_evals(model, ds, test_rows, cold_rows, zs_ds, zs_rows, params) -> dict
     return out
 
 
+SHOWN = ("ndcg@10/opt", "ndcg@10/pes", "recall@10/pes", "recall@1/pes", "mrr/pes")
+
+
+def register(paths: list[str], record_id: str) -> None:
+    """Append the untrained and the trained figures of finished runs (one or more result JSONs of the same recipe,
+    e.g. one seed each) to the results registry: `<id>_untrained` and `<id>` (per-seed means)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results_registry import append_record, repeated
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    recipes = {json.dumps({k: v for k, v in r["args"].items() if k not in ("seeds", "out")}, sort_keys=True) for r in runs}
+    if len(recipes) != 1:
+        raise SystemExit("--register-only: the result files differ in more than their seeds")
+    first, sources = runs[0], [str(Path(p).resolve().relative_to(ROOT)) for p in paths]
+    args = first["args"]
+
+    def figures(entry: dict) -> dict[str, float]:
+        out = {k: entry["test"]["metrics"][k] for k in SHOWN}
+        out.update({f"{k}[cold]": entry["cold_target"]["metrics"][k] for k in ("ndcg@10/pes", "recall@10/pes")})
+        if "zero_shot" in entry:
+            out.update({f"{k}[zero-shot]": entry["zero_shot"]["metrics"][k] for k in ("ndcg@10/pes", "recall@10/pes")})
+        return out
+
+    recipe = (f"lr {args['lr']:g}, {args['batch_size']} users x <= {args['max_seq_tokens']} tokens a step, "
+              f"{args['max_attr_tokens']} tokens per attribute, lower {args['freeze_layers']} layers frozen, "
+              f"length buckets {args.get('length_buckets', 1)}, {args['train_minutes']:g} min of one core per seed")
+    common = dict(command="python benchmarks/bench_recformer.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("out", "dataset", "zero_shot_dataset")),
+        dataset="Scientific", split="test", users=first["n_test_users"], model="recformer", source=sources)
+    append_record(id=f"{record_id}_untrained", kind="ablation", title="MiniLM as Recformer, untrained",
+                  metrics=figures(first["untrained"]), seeds=None,
+                  note=f"the encoder before any training; {first['n_cold_target']} cold-target users; zero-shot: "
+                       f"{first['zero_shot_catalog']} ({first['zero_shot_users']} users)", **common)
+    seeds = {k: v for r in runs for k, v in r["seeds"].items()}
+    per_seed = {k: figures(v) for k, v in seeds.items()}
+    metrics = {m: repeated({sd: f[m] for sd, f in per_seed.items()}) for m in per_seed[next(iter(per_seed))]}
+    metrics["steps"] = repeated({sd: float(v["steps"]) for sd, v in seeds.items()})
+    metrics["epochs"] = repeated({sd: float(v["epochs"]) for sd, v in seeds.items()})
+    append_record(id=record_id, kind="model", title=f"trained on one core ({recipe})", metrics=metrics,
+                  seeds=sorted(int(k) for k in seeds),
+                  note="best validation state (500 seeded validation users) of each seed; frozen item matrix", **common)
+    print(f"registered {record_id}_untrained and {record_id} ({len(seeds)} seeds)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=str(ROOT / "runs" / "data" / "Scientific"))
@@ -95,7 +141,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--max-seq-tokens", type=int, default=64)
-    p.add_argument("--max-attr-tokens", type=int, default=16)
+    p.add_argument("--max-attr-tokens", type=int, default=32, help="paper: 32; at 16, truncated titles make ~140 items textually identical (score ties)")
+    p.add_argument("--length-buckets", type=int, default=8,
+                   help="batches drawn together and grouped by input length (1: mixed lengths, padded)")
     p.add_argument("--freeze-layers", type=int, default=3, help="lowest encoder layers frozen (MiniLM has 6)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--valid-users", type=int, default=500)
@@ -103,7 +151,13 @@ def main() -> None:
     p.add_argument("--zero-shot-users", type=int, default=0, help="0: every test user of the zero-shot catalog")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--register-only", nargs="+", metavar="JSON",
+                   help="append finished result files (one recipe, e.g. one seed each) to the results registry")
+    p.add_argument("--record-id", default="model_recformer_cpu", help="registry id for --register-only")
     args = p.parse_args()
+    if args.register_only:
+        register(args.register_only, args.record_id)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
 
@@ -132,7 +186,7 @@ def main() -> None:
               "zero_shot_catalog": zs_ds.name if zs_ds is not None else None,
               "zero_shot_users": len(zs_rows) if zs_rows is not None else 0, "seeds": {}}
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    out_path = Path(args.out) / f"recformer_cpu_{stamp}.json"
+    out_path = Path(args.out) / f"recformer_cpu_{stamp}_lr{args.lr:g}.json"
 
     def save() -> None:
         atomic_write_json(result, out_path)
@@ -150,23 +204,33 @@ def main() -> None:
     seqs = [ds.train_sequences()]
     corpus = probe.prepare_corpus(ds)
     rng = np.random.default_rng(123)
-    step_s = []
-    for _ in range(3):
-        batch = probe.sample_batch([(corpus, seqs[0], args.batch_size, 0)], rng)
-        t0 = time.perf_counter()
-        loss = probe.loss(batch)
-        t1 = time.perf_counter()
-        opt.zero_grad()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        step_s.append((t1 - t0, t2 - t1, time.perf_counter() - t2, int(batch["attention_mask"].sum())))
+
+    def timed_steps(batches) -> tuple[float, ...]:
+        """Median forward, backward, AdamW seconds, real tokens and padded slots over the batches."""
+        out = []
+        for batch in batches:
+            t0 = time.perf_counter()
+            loss = probe.loss(batch)
+            t1 = time.perf_counter()
+            opt.zero_grad()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            out.append((t1 - t0, t2 - t1, time.perf_counter() - t2, int(batch["attention_mask"].sum()),
+                        batch["attention_mask"].numel()))
+        return tuple(float(x) for x in np.median(np.asarray(out), axis=0))
+
+    mixed = timed_steps([probe.sample_batch([(corpus, seqs[0], args.batch_size, 0)], rng) for _ in range(3)])
+    bucketed = timed_steps(probe.sample_bucketed([(corpus, seqs[0], args.batch_size, 0)], rng, max(3, args.length_buckets)))
     del probe, opt
-    fwd, bwd, upd, tok = np.median(np.asarray(step_s), axis=0)
+    fwd, bwd, upd, tok, slots = mixed
     val0 = evaluate_rows(base, valid_rows, ds.n_items)
     result["profile"] = {"item_matrix_refresh_s": round(refresh_s, 1), "n_items": ds.n_items,
                          "step_forward_s": round(float(fwd), 3), "step_backward_s": round(float(bwd), 3),
                          "step_optimizer_s": round(float(upd), 3), "step_tokens": int(tok),
+                         "step_padded_slots": int(slots),
+                         "bucketed_step_s": round(sum(bucketed[:3]), 3), "mixed_step_s": round(fwd + bwd + upd, 3),
+                         "bucketed_padded_slots": int(bucketed[4]),
                          "trainable_params": int(trainable), "batch_size": args.batch_size,
                          "score_s_per_user": round(val0["seconds"] / max(1, val0["n_rows"]), 4)}
     log.info("profile %s", result["profile"])
@@ -192,7 +256,10 @@ def main() -> None:
             t0 = time.perf_counter()
             model.train()
             model.before_step(step)
-            batch = model.sample_batch([(corpus, seqs[0], args.batch_size, 0)], np.random.default_rng([seed, step]))
+            if step % args.length_buckets == 0:  # the next `length_buckets` batches, grouped by input length
+                pool = model.sample_bucketed([(corpus, seqs[0], args.batch_size, 0)],
+                                             np.random.default_rng([seed, step // args.length_buckets]), args.length_buckets)
+            batch = pool[step % args.length_buckets]
             loss = model.loss(batch)
             opt.zero_grad()
             loss.backward()

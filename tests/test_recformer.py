@@ -159,6 +159,34 @@ def test_finetune_loss_is_softmax_over_the_item_matrix():
     assert torch.allclose(model.item_matrix[2], torch.nn.functional.normalize(model.encode(one)[0, 0], dim=-1), atol=1e-5)
 
 
+def test_length_buckets_group_by_length_and_keep_every_example():
+    """sample_bucketed: the same draw as one big sample_batch, split by user-input length into batches that each
+    pad to their own longest input; pretraining's (B, B) same-target mask follows its rows."""
+    seqs = [np.array([0, 1, 2, 3]), np.array([3, 2]), np.array([1, 0, 2]), np.array([2, 3, 1, 0])]
+    for objective in ("finetune", "pretrain"):
+        model = tiny(objective=objective)
+        big = model.sample_batch([(model.catalog, seqs, 12, 0)], np.random.default_rng(5))
+        parts = model.sample_bucketed([(model.catalog, seqs, 4, 0)], np.random.default_rng(5), 3)
+        assert [len(b["input_ids"]) for b in parts] == [4, 4, 4]
+        lengths = big["attention_mask"].sum(1)
+        got = sorted(int(n) for b in parts for n in b["attention_mask"].sum(1))
+        assert got == sorted(lengths.tolist())  # every example once, none truncated
+        for b in parts:
+            n = b["attention_mask"].sum(1)
+            assert b["input_ids"].shape[1] == int(n.max())  # padded to its own longest row
+            assert (b["input_ids"][b["attention_mask"] == 0] == model.builder.pad_id).all()
+        spans = sorted((int(b["attention_mask"].sum(1).min()), int(b["attention_mask"].sum(1).max())) for b in parts)
+        assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # grouped: no overlap of lengths
+        if objective == "pretrain":
+            for b in parts:
+                assert b["target_same"].shape == (4, 4) and b["target_same"].diagonal().all()
+                assert b["target_input_ids"].shape[1] == int(b["target_attention_mask"].sum(1).max())
+                model.loss(b)  # the losses run on a bucket
+        else:
+            targets = sorted(int(t) for b in parts for t in b["target"])
+            assert targets == sorted(big["target"].tolist())
+
+
 def test_pretrain_loss_terms():
     model = tiny(objective="pretrain", mlm_prob=0.5).eval()  # no dropout: two forwards agree
     batch = model.sample_batch([(model.catalog, [np.array([0, 1])] * 3, 4, 0)], np.random.default_rng(1))
@@ -249,6 +277,7 @@ def test_staged_run_on_scientific(ray_session, scientific_dataset, demo_dataset,
     rc = main(["train", "--config", "recformer_tiny",
                "--set", f"stages.0.datasets=[{{path: {demo}}}]", "--set", f"stages.0.validation={{path: {sci}}}",
                "--set", f"stages.1.datasets=[{{path: {sci}}}]", "--set", f"stages.2.datasets=[{{path: {sci}}}]",
+               "--set", "stages.1.train.length_buckets=2",
                "--set", "eval_max_users=12", "--set", f"run.storage_path={tmp_path}", "--set", "run.name=r"])
     assert rc == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

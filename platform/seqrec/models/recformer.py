@@ -440,6 +440,31 @@ class Recformer(nn.Module):
             batch["target"] = torch.tensor(target_idx, dtype=torch.long)
         return batch
 
+    def sample_bucketed(self, parts: Sequence[tuple[list[Sentence], Sequence[np.ndarray], int, int]],
+                        rng: np.random.Generator, n_batches: int) -> list[dict[str, torch.Tensor]]:
+        """n_batches batches drawn together and grouped by user-input length (shortest first, returned in a random
+        order), each padded to its own longest input: on a CPU the padding of a mixed batch is ~40% of the compute
+        at 128 tokens. `parts` give each dataset's examples per batch; the draw is `sample_batch`'s."""
+        big = self.sample_batch([(c, s, n * n_batches, d) for c, s, n, d in parts], rng)
+        order = torch.argsort(big["attention_mask"].sum(1), stable=True)
+        chunks = torch.tensor_split(order, n_batches)
+        return [self._rows(big, chunks[int(i)]) for i in rng.permutation(n_batches)]
+
+    @staticmethod
+    def _rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch restricted to `rows`, user and target inputs trimmed to their longest remaining row."""
+        out = {k: (v[rows][:, rows] if k == "target_same" else v[rows]) for k, v in batch.items()}
+        for prefix in ("", "target_"):
+            mask = out.get(f"{prefix}attention_mask")
+            if mask is None:
+                continue
+            width = int(mask.sum(1).max())
+            for k in [f"{prefix}{n}" for n in ("input_ids", "token_types", "item_positions", "attention_mask")] + (
+                    ["mlm_labels"] if not prefix else []):
+                if k in out:
+                    out[k] = out[k][:, :width]
+        return out
+
     # ------------------------------------------------------------------------------- losses and scores
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hidden = self.encode(batch)  # (B, T, D)
@@ -475,10 +500,15 @@ class Recformer(nn.Module):
         history, lengths = batch["history"].cpu(), batch["lengths"].cpu()
         rows = [self.builder.user_input([catalog[i] for i in history[b, : int(lengths[b])].tolist()])
                 for b in range(len(history))]
+        order = np.argsort([len(r[0]) for r in rows], kind="stable")  # similar lengths per forward: less padding
         out = []
         for lo in range(0, len(rows), self.config.score_batch_size):
-            out.append(F.normalize(self._cls(rows[lo: lo + self.config.score_batch_size], self.item_matrix.device).float(), dim=-1))
-        return torch.cat(out)
+            part = [rows[i] for i in order[lo: lo + self.config.score_batch_size]]
+            out.append(F.normalize(self._cls(part, self.item_matrix.device).float(), dim=-1))
+        h = torch.cat(out)
+        result = torch.empty_like(h)
+        result[torch.as_tensor(order, device=h.device)] = h
+        return result
 
     @torch.no_grad()
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

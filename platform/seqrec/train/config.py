@@ -35,6 +35,9 @@ class TrainConfig:
     batch_size: int = 16  # packed rows per worker per step
     pack_len: int = 256  # slots per packed row
     packing: bool = True  # False: one sequence per row, padded to the model's max length (the baseline)
+    # staged text models (Recformer): draw this many batches at once and group them by input length, so each
+    # batch pads to its own longest input (1 = off)
+    length_buckets: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
     beta1: float = 0.9  # FLARE
@@ -59,6 +62,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.fit_on not in FIT_ON:
             raise ValueError(f"train.fit_on must be one of {FIT_ON}, got {self.fit_on!r}")
+        if self.length_buckets < 1:
+            raise ValueError(f"train.length_buckets must be >= 1, got {self.length_buckets}")
         if self.stop_step is not None and not 0 < self.stop_step <= self.steps:
             raise ValueError(f"train.stop_step must be in 1..train.steps ({self.steps}), got {self.stop_step}")
 

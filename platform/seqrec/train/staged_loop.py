@@ -128,6 +128,8 @@ def load_staged_config(name_or_path: str, overrides: dict[str, Any] | None = Non
             raise ValueError(f"stages[{i}].train.ema_decay: weight averaging is implemented for the ID/Flare loop only")
         if st.train.refit or st.train.stop_step is not None:  # likewise for the refit protocol
             raise ValueError(f"stages[{i}].train: fit_on / stop_step are implemented for the ID/Flare loop only")
+        if st.train.length_buckets > 1 and not hasattr(MODELS[cfg.model.name][0], "sample_bucketed"):
+            raise ValueError(f"stages[{i}].train.length_buckets: {cfg.model.name} draws no length-bucketed batches")
     return cfg
 
 
@@ -280,10 +282,15 @@ def staged_worker(config: dict[str, Any]) -> None:
     while state["step"] < tc.steps:
         if hasattr(model, "before_step"):
             model.before_step(state["step"])
-        rng = np.random.default_rng([tc.seed, rank, state["step"]])
+        buckets = tc.length_buckets  # > 1: the step's batch is one of `buckets` drawn together (same seed)
+        rng = np.random.default_rng([tc.seed, rank, state["step"] // buckets] if buckets > 1 else [tc.seed, rank, state["step"]])
         which = rng.choice(len(datasets), size=tc.batch_size, p=weights)
         parts = [(corpora[d], sequences[d], int((which == d).sum()), d) for d in range(len(datasets))]
-        batch = model.sample_batch([p for p in parts if p[2]], rng)
+        parts = [p for p in parts if p[2]]
+        if buckets > 1:
+            batch = model.sample_bucketed(parts, rng, buckets)[state["step"] % buckets]
+        else:
+            batch = model.sample_batch(parts, rng)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = optimizer_step(batch, model, train_module, optimizer, scheduler, engine, tc.grad_clip, autocast)
         state["step"] += 1
