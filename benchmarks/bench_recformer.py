@@ -88,16 +88,20 @@ def three_evals(model, ds, test_rows, cold_rows, zs_ds, zs_rows, params) -> dict
 SHOWN = ("ndcg@10/opt", "ndcg@10/pes", "recall@10/pes", "recall@1/pes", "mrr/pes")
 
 
-def register(paths: list[str], record_id: str) -> None:
+def register(paths: list[str], record_id: str, untrained_id: str | None = None) -> None:
     """Append the untrained and the trained figures of finished runs (one or more result JSONs of the same recipe,
-    e.g. one seed each) to the results registry: `<id>_untrained` and `<id>` (per-seed means)."""
+    e.g. one seed each) to the results registry: `untrained_id` (default `<id>_untrained`; left alone when it
+    exists, e.g. from a run with another lr) and `record_id` (per-seed means)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from results_registry import append_record, repeated
+    from results_registry import REGISTRY, append_record, load_records, repeated
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
     recipes = {json.dumps({k: v for k, v in r["args"].items() if k not in ("seeds", "out")}, sort_keys=True) for r in runs}
+    recipes = {json.dumps({k: v for k, v in r["args"].items() if k not in ("seeds", "out", "skip_untrained")},
+                          sort_keys=True) for r in runs}
     if len(recipes) != 1:
         raise SystemExit("--register-only: the result files differ in more than their seeds")
+    runs.sort(key=lambda r: "test" not in r["untrained"])  # the run with the untrained evaluations first
     first, sources = runs[0], [str(Path(p).resolve().relative_to(ROOT)) for p in paths]
     args = first["args"]
 
@@ -114,19 +118,21 @@ def register(paths: list[str], record_id: str) -> None:
     common = dict(command="python benchmarks/bench_recformer.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("out", "dataset", "zero_shot_dataset")),
         dataset="Scientific", split="test", users=first["n_test_users"], model="recformer", source=sources)
-    append_record(id=f"{record_id}_untrained", kind="ablation", title="MiniLM as Recformer, untrained",
-                  metrics=figures(first["untrained"]), seeds=None,
-                  note=f"the encoder before any training; {first['n_cold_target']} cold-target users; zero-shot: "
-                       f"{first['zero_shot_catalog']} ({first['zero_shot_users']} users)", **common)
+    untrained_id = untrained_id or f"{record_id}_untrained"
+    if untrained_id not in load_records(REGISTRY):
+        append_record(id=untrained_id, kind="ablation", title="MiniLM as Recformer, untrained",
+                      metrics=figures(first["untrained"]), seeds=None,
+                      note=f"the encoder before any training; {first['n_cold_target']} cold-target users; zero-shot: "
+                           f"{first['zero_shot_catalog']} ({first['zero_shot_users']} users)", **common)
     seeds = {k: v for r in runs for k, v in r["seeds"].items()}
-    per_seed = {k: figures(v) for k, v in seeds.items()}
+    per_seed = {k: {**figures(v), "valid/ndcg@10/pes": v["best_valid_ndcg10_pes"]} for k, v in seeds.items()}
     metrics = {m: repeated({sd: f[m] for sd, f in per_seed.items()}) for m in per_seed[next(iter(per_seed))]}
     metrics["steps"] = repeated({sd: float(v["steps"]) for sd, v in seeds.items()})
     metrics["epochs"] = repeated({sd: float(v["epochs"]) for sd, v in seeds.items()})
     append_record(id=record_id, kind="model", title=f"trained on one core ({recipe})", metrics=metrics,
                   seeds=sorted(int(k) for k in seeds),
                   note="best validation state (500 seeded validation users) of each seed; frozen item matrix", **common)
-    print(f"registered {record_id}_untrained and {record_id} ({len(seeds)} seeds)")
+    print(f"registered {record_id} ({len(seeds)} seeds); untrained: {untrained_id}")
 
 
 def main() -> None:
@@ -151,12 +157,15 @@ def main() -> None:
     p.add_argument("--zero-shot-users", type=int, default=0, help="0: every test user of the zero-shot catalog")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--skip-untrained", action="store_true",
+                   help="leave out the untrained test / cold-target / zero-shot evaluations (another run has them)")
     p.add_argument("--register-only", nargs="+", metavar="JSON",
                    help="append finished result files (one recipe, e.g. one seed each) to the results registry")
     p.add_argument("--record-id", default="model_recformer_cpu", help="registry id for --register-only")
+    p.add_argument("--untrained-id", default=None, help="registry id of the untrained figures (default <record-id>_untrained)")
     args = p.parse_args()
     if args.register_only:
-        register(args.register_only, args.record_id)
+        register(args.register_only, args.record_id, args.untrained_id)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -236,7 +245,8 @@ def main() -> None:
     log.info("profile %s", result["profile"])
     result["untrained"] = {"valid": val0}
     save()
-    result["untrained"].update(three_evals(base, ds, test_rows, cold_rows, zs_ds, zs_rows, params))
+    if not args.skip_untrained:  # seed-independent: one of several parallel seed runs need not repeat it
+        result["untrained"].update(three_evals(base, ds, test_rows, cold_rows, zs_ds, zs_rows, params))
     log.info("untrained %s", {k: v["metrics"].get("ndcg@10/pes") for k, v in result["untrained"].items()})
     save()
 
@@ -291,9 +301,10 @@ def main() -> None:
         save()
     trained = [e["test"]["metrics"]["ndcg@10/pes"] for e in result["seeds"].values()]
     if trained:
-        result["summary"] = {"untrained_test_ndcg10_pes": result["untrained"]["test"]["metrics"]["ndcg@10/pes"],
-                             "trained_test_ndcg10_pes": trained, "trained_mean": round(float(np.mean(trained)), 5),
+        result["summary"] = {"trained_test_ndcg10_pes": trained, "trained_mean": round(float(np.mean(trained)), 5),
                              "trained_spread": round(float(np.max(trained) - np.min(trained)), 5)}
+        if "test" in result["untrained"]:
+            result["summary"]["untrained_test_ndcg10_pes"] = result["untrained"]["test"]["metrics"]["ndcg@10/pes"]
     save()
     print(json.dumps({k: v for k, v in result.items() if k not in ("seeds",)}, indent=1))
     print(f"wrote {out_path}")

@@ -40,7 +40,7 @@ def _run_tiny(model: str, out: Path) -> dict:
                   "flare_tid": "flare_tid_scientific"}[model]
         runners.run_id_model(model, preset, mod.TINY, getattr(mod, "GPU", None), argv=argv)
     elif model == "recformer":
-        runners.run_staged_model("recformer", "recformer_scientific", mod.TINY, mod.GPU, argv=argv, stage=1)
+        runners.run_staged_model("recformer", "recformer_scientific", mod.TINY, mod.GPU, argv=argv)
     else:
         runners.run_staged_model("calrec", "calrec_scientific_smollm2", mod.TINY, mod.GPU, argv=argv, zero_stage=3,
                                  eval_users_default=512, eval_note=mod.NOTE)

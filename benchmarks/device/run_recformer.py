@@ -1,6 +1,6 @@
-"""GPU run kit: Recformer (preset recformer_scientific, MiniLM encoder from the bundle): its finetuning objective
-(stage finetune1: item matrix re-encoded every 60 steps) on Scientific, then the full test split. The pretraining
-stage's corpora (LC-Rec, raw Amazon 2018) are not carried. `--tiny`: a random 2-layer BERT on the demo catalog."""
+"""GPU run kit: Recformer (preset recformer_scientific, MiniLM encoder from the bundle): its finetuning stage (the
+item matrix encoded once and frozen) on Scientific, then the full test split. `--tiny`: a random 2-layer BERT on the
+demo catalog."""
 from __future__ import annotations
 
 import sys
@@ -10,9 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runners  # noqa: E402
 
 TINY = {"encoder": "tiny", "tiny_dim": 32, "tiny_layers": 2, "tiny_heads": 2, "max_seq_tokens": 64,
-        "max_attr_tokens": 8, "max_items": 20, "encode_batch_size": 256, "score_batch_size": 64,
-        "item_refresh_every": 2}
+        "max_attr_tokens": 8, "max_items": 20, "encode_batch_size": 256, "score_batch_size": 64}
 GPU = {"encoder": "minilm", "encode_batch_size": 1024, "score_batch_size": 256}
 
 if __name__ == "__main__":
-    runners.run_staged_model("recformer", "recformer_scientific", TINY, GPU, stage=1)
+    runners.run_staged_model("recformer", "recformer_scientific", TINY, GPU)

@@ -152,12 +152,17 @@ def run_staged_model(name: str, preset: str, tiny_params: dict[str, Any], gpu_pa
     model.to(device)
 
     def batches():
-        step = 0
+        step, buckets, pool = 0, tc.length_buckets, []  # length buckets: as train.staged_loop draws them
         while True:
             if hasattr(model, "before_step"):  # Recformer: re-encodes the item matrix every item_refresh_every
                 model.before_step(step)
-            rng = np.random.default_rng([tc.seed, 0, step])
-            yield model.sample_batch([(corpus, sequences, tc.batch_size, 0)], rng)
+            parts = [(corpus, sequences, tc.batch_size, 0)]
+            if buckets > 1:
+                if step % buckets == 0:
+                    pool = model.sample_bucketed(parts, np.random.default_rng([tc.seed, 0, step // buckets]), buckets)
+                yield pool[step % buckets]
+            else:
+                yield model.sample_batch(parts, np.random.default_rng([tc.seed, 0, step]))
             step += 1
 
     flops_per_token = 6.0 * C.count_params(model, EMBEDDINGS)
