@@ -96,7 +96,6 @@ def register(paths: list[str], record_id: str, untrained_id: str | None = None) 
     from results_registry import REGISTRY, append_record, load_records, repeated
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    recipes = {json.dumps({k: v for k, v in r["args"].items() if k not in ("seeds", "out")}, sort_keys=True) for r in runs}
     recipes = {json.dumps({k: v for k, v in r["args"].items() if k not in ("seeds", "out", "skip_untrained")},
                           sort_keys=True) for r in runs}
     if len(recipes) != 1:
@@ -131,7 +130,7 @@ def register(paths: list[str], record_id: str, untrained_id: str | None = None) 
     metrics["epochs"] = repeated({sd: float(v["epochs"]) for sd, v in seeds.items()})
     append_record(id=record_id, kind="model", title=f"trained on one core ({recipe})", metrics=metrics,
                   seeds=sorted(int(k) for k in seeds),
-                  note="best validation state (500 seeded validation users) of each seed; frozen item matrix", **common)
+                  note=f"best validation state ({args['valid_users']} seeded validation users) of each seed; frozen item matrix", **common)
     print(f"registered {record_id} ({len(seeds)} seeds); untrained: {untrained_id}")
 
 

@@ -152,7 +152,7 @@ def run_staged_model(name: str, preset: str, tiny_params: dict[str, Any], gpu_pa
     model.to(device)
 
     def batches():
-        step, buckets, pool = 0, tc.length_buckets, []  # length buckets: as train.staged_loop draws them
+        step, buckets, pool = 0, tc.length_buckets, []  # train.length_buckets: a pool of batches every `buckets` steps
         while True:
             if hasattr(model, "before_step"):  # Recformer: re-encodes the item matrix every item_refresh_every
                 model.before_step(step)

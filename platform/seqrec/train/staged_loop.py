@@ -279,18 +279,21 @@ def staged_worker(config: dict[str, Any]) -> None:
     win_t0, run_t0 = time.perf_counter(), time.perf_counter() - state["elapsed_s"]
     report: dict[str, float] = {}
     evaluated_at = state["step"] if resume_dir is not None else -1
+    buckets, drawn_pool, pool = tc.length_buckets, None, []
     while state["step"] < tc.steps:
         if hasattr(model, "before_step"):
             model.before_step(state["step"])
-        buckets = tc.length_buckets  # > 1: the step's batch is one of `buckets` drawn together (same seed)
-        rng = np.random.default_rng([tc.seed, rank, state["step"] // buckets] if buckets > 1 else [tc.seed, rank, state["step"]])
-        which = rng.choice(len(datasets), size=tc.batch_size, p=weights)
-        parts = [(corpora[d], sequences[d], int((which == d).sum()), d) for d in range(len(datasets))]
-        parts = [p for p in parts if p[2]]
-        if buckets > 1:
-            batch = model.sample_bucketed(parts, rng, buckets)[state["step"] % buckets]
-        else:
-            batch = model.sample_batch(parts, rng)
+        # the step's batch is one of a pool of `buckets` batches drawn together (length buckets; 1 = one batch),
+        # the pool a function of (seed, rank, step // buckets), so a resumed run draws the same batches
+        pool_key = state["step"] // buckets
+        if pool_key != drawn_pool:
+            rng = np.random.default_rng([tc.seed, rank, pool_key])
+            which = rng.choice(len(datasets), size=tc.batch_size, p=weights)
+            parts = [(corpora[d], sequences[d], int((which == d).sum()), d) for d in range(len(datasets))]
+            parts = [p for p in parts if p[2]]
+            pool = model.sample_bucketed(parts, rng, buckets) if buckets > 1 else [model.sample_batch(parts, rng)]
+            drawn_pool = pool_key
+        batch = pool[state["step"] % buckets]
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = optimizer_step(batch, model, train_module, optimizer, scheduler, engine, tc.grad_clip, autocast)
         state["step"] += 1
