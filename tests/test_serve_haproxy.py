@@ -20,9 +20,9 @@ import pytest
 import requests
 import yaml
 
-from seqrec.ray_utils import ray_executable
+from seqrec.ray_utils import free_ports, ray_executable
 from seqrec.serve.fuzz import malformed_requests
-from test_serve import free_port, offline_top_k, post, write_checkpoint
+from test_serve import offline_top_k, post, write_checkpoint
 
 
 def haproxy_processes(born_after: float) -> list[psutil.Process]:
@@ -55,7 +55,7 @@ def haproxy_server(demo_dataset, tmp_path_factory):
     settings = {"recommender": dict(tiny), "bm25": dict(tiny), "ingress": dict(tiny), "generator": dict(tiny),
                 "score_in_ingress": True}
     (root / "settings.yaml").write_text(yaml.safe_dump(settings))
-    port = free_port()
+    port = free_ports()[0]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local instance of its own
     env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1", RAY_USAGE_STATS_ENABLED="0")
     log_path = root / "serve.log"
