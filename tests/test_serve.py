@@ -508,3 +508,47 @@ def test_serving_device_follows_the_replicas_gpus():
     from seqrec.serve.core import serving_device
 
     assert serving_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_sigterm_during_startup_leaves_nothing_behind(demo_dataset, tmp_path):
+    """A SIGTERM that lands after `seqrec serve run` has started its local Ray instance but before the service is
+    up (a supervisor giving up on a slow start) must stop everything it started (raylet, GCS, Serve controller,
+    replicas): the whole process group exits, with status 143, and nothing answers on the port."""
+    import subprocess
+
+    from seqrec.ray_utils import ray_executable
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", demo_dataset.n_items, 0, str(demo_dataset.path))
+    port = free_ports()[0]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private local instance of its own
+    env.update(RAY_USAGE_STATS_ENABLED="0")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([ray_executable("seqrec"), "serve", "run", "--checkpoint", str(ckpt),
+                                 "--dataset", str(demo_dataset.path), "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "ray initialised at" not in log_path.read_text(errors="replace"):  # ray.init has started the raylet
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        out = log_path.read_text(errors="replace")
+        assert "seqrec serving at" not in out, "the service came up before the SIGTERM: the test missed its window"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, log_path.read_text()[-3000:]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("a process the server started outlived its SIGTERM")
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own process group, by its leader's PID
+        except ProcessLookupError:
+            pass

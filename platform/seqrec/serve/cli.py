@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -57,48 +57,81 @@ def curl_line(host: str, port: int, history: list[Any] | None = None) -> str:
     return f"curl -s -X POST http://{host}:{port}/recommend -H 'content-type: application/json' -d '{body}'"
 
 
-def start(settings: dict[str, Any], host: str, port: int, address: str | None = None) -> str:
-    """Deploy the app on a local Ray instance or `address` (returns once RUNNING); returns the base URL."""
+def start(settings: dict[str, Any], host: str, port: int, address: str | None = None,
+          on_ray_up: Callable[[], None] | None = None) -> str:
+    """Deploy the app on a local Ray instance or `address` (returns once RUNNING); returns the base URL.
+    `on_ray_up` runs once Ray is initialised, before the deploy."""
     from seqrec.ray_utils import init_ray
     from seqrec.serve.deploy import deploy_config, serve_config
 
     config = serve_config(settings, host, port)  # resolves and validates paths before anything starts
     init_ray(address=address)
+    if on_ray_up is not None:
+        on_ray_up()
     deploy_config(config)
     return f"http://{host}:{port}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    url = start(_settings(args), args.host, args.port, args.address)
-    print(f"seqrec serving at {url} (OpenAPI docs: {url}/docs)")
-    print(curl_line(args.host, args.port))
-    if args.detach:
-        return 0
-    serve_until_stopped()
-    return 0
+    def announce(url: str) -> None:
+        print(f"seqrec serving at {url} (OpenAPI docs: {url}/docs)")
+        print(curl_line(args.host, args.port))
+
+    return serve_until_stopped(lambda trap: start(_settings(args), args.host, args.port, args.address, trap),
+                               announce, detach=args.detach)
 
 
-def serve_until_stopped() -> None:
-    """Block until Ctrl-C or SIGTERM, then shut Serve down (and the local Ray instance we started with it), so a
-    server stopped by its PID leaves no proxy, replica or raylet behind."""
+def serve_until_stopped(deploy: Callable[[Callable[[], None]], str], announce: Callable[[str], None],
+                        detach: bool = False) -> int:
+    """Deploy, announce the URL, then block until Ctrl-C or SIGTERM and shut Serve down (and the local Ray
+    instance we started with it), so a server stopped by its PID leaves no proxy, replica or raylet behind.
+
+    SIGTERM is trapped before `deploy` starts and again by the hook `deploy` calls once Ray is up (ray.init
+    installs its core worker's own SIGTERM handler, which would exit on the spot): a SIGTERM that lands while
+    the replicas deploy (a supervisor giving up on a slow start) stops what was started so far instead of
+    killing the driver mid-deploy. `detach` returns once deployed, leaving the service up. Returns the exit
+    status: 0, or 143 when stopped before the service was up."""
     import signal
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
+    def trap() -> None:
+        signal.signal(signal.SIGTERM, _terminate)
+
     previous = signal.signal(signal.SIGTERM, _terminate)
+    up = False
     try:
+        url = deploy(trap)
+        up = True
+        announce(url)
+        if detach:
+            return 0
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        import ray
-        from ray import serve
-
-        log.info("stopping: serve.shutdown()")
-        serve.shutdown()
-        ray.shutdown()  # a driver-started local instance goes with it; a cluster we joined keeps running
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        if not up:
+            log.warning("stopped before the service was up; shutting down what was started")
+        _shutdown_serve()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return 0 if up else 143
+
+
+def _shutdown_serve() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        log.info("stopping: serve.shutdown()")
+        try:
+            serve.shutdown()
+        except Exception as exc:  # stopped half-way through the deploy: Serve may not be fully up
+            log.warning("serve.shutdown() failed (%s); shutting Ray down anyway", exc)
+    # Also when ray.init was interrupted before it connected: the node processes it had started go too. A
+    # driver-started local instance goes with it; a cluster we joined keeps running.
+    ray.shutdown()
 
 
 def serve_quickstart(workdir: str, port: int = 8000, host: str = "127.0.0.1") -> None:
@@ -107,10 +140,12 @@ def serve_quickstart(workdir: str, port: int = 8000, host: str = "127.0.0.1") ->
     records = sorted(Path(workdir, "checkpoints").glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
     if not records:
         raise FileNotFoundError(f"no trained model under {workdir}/checkpoints to serve")
-    url = start({"model": {"best_record": str(records[-1])}}, host, port)
-    print(f"\nseqrec serving {records[-1].parent.name} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops it")
-    print(curl_line(host, port))
-    serve_until_stopped()
+    def announce(url: str) -> None:
+        print(f"\nseqrec serving {records[-1].parent.name} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops it")
+        print(curl_line(host, port))
+
+    serve_until_stopped(lambda trap: start({"model": {"best_record": str(records[-1])}}, host, port, on_ray_up=trap),
+                        announce)
 
 
 def write_yaml(obj: dict[str, Any], path: Path) -> None:
