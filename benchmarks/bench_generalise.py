@@ -5,6 +5,7 @@ lir_text / lir_bm25 on the same test users (issue #34).
     python benchmarks/bench_generalise.py --datasets sci_lcrec raw_sample --models sasrec --seeds 0 --budget-s 300
     python benchmarks/bench_generalise.py --prepare-only                  # datasets + text features + baselines
     python benchmarks/bench_generalise.py --report-only                   # tables from what has finished
+    python benchmarks/bench_generalise.py --report-only --register --seeds 0 1 2   # seeds run apart -> registry
 
 Datasets (prepared under --work/data/, never inside the repository):
     scientific   Amazon Scientific, UniSRec split (../shared/data/Scientific)
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "runs" / "generalise"), help="prepared datasets and fit outputs")
     p.add_argument("--prepare-only", action="store_true", help="datasets, text features and baselines only")
     p.add_argument("--report-only", action="store_true", help="print the tables of the finished cells, run nothing")
+    p.add_argument("--register", action="store_true",
+                   help="with --report-only: append the cells finished over all --seeds to the registry (e.g. seeds "
+                        "run in separate sessions); a run does this by itself")
     args = p.parse_args(argv)
     work = Path(args.work).resolve()
 
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out, {"budget_s": args.budget_s, "seeds": args.seeds, "datasets": args.datasets, "models": args.models,
                      "baselines": base, "cells": [c for runs in cells.values() for c in runs]})
     print(f"wrote {out}")
-    if not args.report_only:
+    if args.register or not args.report_only:
         append_to_registry(cells, base, args.seeds, args.budget_s)
     return 0
 
