@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, load_benchmark
-from seqrec.ray_utils import free_ports
+from seqrec.ray_utils import free_ports, process_group_alive
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
 # the only placeholders a documented command may contain, and what stands in for them when it is parsed
@@ -363,17 +363,6 @@ def tour_block() -> str:
     return tours[0]
 
 
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @pytest.mark.slow
 def test_readme_tour_runs(tmp_path):
     """The tour's exact lines, with bash -e in a fresh directory: every step must succeed, the served answer must
@@ -394,11 +383,11 @@ def test_readme_tour_runs(tmp_path):
         assert '"items"' in out and '"item_idx"' in out, f"no recommendation in the output:\n{out[-4000:]}"
         assert "ndcg@10/pes" in out and "markov" in out, "the evaluation table is missing"
         deadline = time.monotonic() + 90  # SIGTERM: serve.shutdown() and the local Ray instance's shutdown
-        while group_alive(proc.pid) and time.monotonic() < deadline:
+        while process_group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(1)
-        assert not group_alive(proc.pid), "the server (or a process it started) outlived its SIGTERM"
+        assert not process_group_alive(proc.pid), "the server (or a process it started) outlived its SIGTERM"
     finally:
-        if proc.poll() is None or group_alive(proc.pid):
+        if proc.poll() is None or process_group_alive(proc.pid):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the tour's own process group, by its leader's PID
             except ProcessLookupError:

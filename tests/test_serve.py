@@ -23,7 +23,7 @@ from seqrec.data.batching import make_batch
 from seqrec.models.registry import build_model, model_config_dict, save_state_dict
 from seqrec.retrieval.bm25 import BM25Index
 from seqrec.serve.fuzz import malformed_requests
-from seqrec.ray_utils import free_ports
+from seqrec.ray_utils import free_ports, process_group_alive
 
 SASREC = {"max_len": 20, "dim": 16, "layers": 1, "heads": 2, "hidden": 32}
 
@@ -537,14 +537,9 @@ def test_sigterm_during_startup_leaves_nothing_behind(demo_dataset, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 143, log_path.read_text()[-3000:]
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
+        while process_group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        else:
-            raise AssertionError("a process the server started outlived its SIGTERM")
+        assert not process_group_alive(proc.pid), "a process the server started outlived its SIGTERM"
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     finally:

@@ -96,3 +96,15 @@ def pids_with_marker(marker: str) -> list[int]:
             except OSError:
                 pass
     return [p for p in out if p != os.getpid()]
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether any process of the process group `pgid` still exists (a server started with start_new_session,
+    and everything it started: checked by its leader's PID, never by name)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -77,32 +77,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"seqrec serving at {url} (OpenAPI docs: {url}/docs)")
         print(curl_line(args.host, args.port))
 
-    return serve_until_stopped(lambda trap: start(_settings(args), args.host, args.port, args.address, trap),
-                               announce, detach=args.detach)
+    return serve_until_stopped(_settings(args), args.host, args.port, announce, args.address, detach=args.detach)
 
 
-def serve_until_stopped(deploy: Callable[[Callable[[], None]], str], announce: Callable[[str], None],
-                        detach: bool = False) -> int:
-    """Deploy, announce the URL, then block until Ctrl-C or SIGTERM and shut Serve down (and the local Ray
-    instance we started with it), so a server stopped by its PID leaves no proxy, replica or raylet behind.
+def serve_until_stopped(settings: dict[str, Any], host: str, port: int, announce: Callable[[str], None],
+                        address: str | None = None, detach: bool = False) -> int:
+    """`start` the service, announce its URL, then block until Ctrl-C or SIGTERM and shut Serve down (and the
+    local Ray instance we started with it), so a server stopped by its PID leaves no proxy, replica or raylet
+    behind.
 
-    SIGTERM is trapped before `deploy` starts and again by the hook `deploy` calls once Ray is up (ray.init
-    installs its core worker's own SIGTERM handler, which would exit on the spot): a SIGTERM that lands while
-    the replicas deploy (a supervisor giving up on a slow start) stops what was started so far instead of
-    killing the driver mid-deploy. `detach` returns once deployed, leaving the service up. Returns the exit
-    status: 0, or 143 when stopped before the service was up."""
+    SIGTERM is trapped before `start` and again once Ray is up (ray.init installs its core worker's own
+    SIGTERM handler, which would exit on the spot): a SIGTERM that lands while the replicas deploy (a
+    supervisor giving up on a slow start) stops what was started so far instead of killing the driver
+    mid-deploy. `detach` returns once deployed, leaving the service up. Returns the exit status: 0, or 143
+    when stopped before the service was up."""
     import signal
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
-    def trap() -> None:
-        signal.signal(signal.SIGTERM, _terminate)
+    def trap() -> Any:
+        return signal.signal(signal.SIGTERM, _terminate)
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = trap()
     up = False
     try:
-        url = deploy(trap)
+        url = start(settings, host, port, address, on_ray_up=trap)
         up = True
         announce(url)
         if detach:
@@ -144,8 +144,7 @@ def serve_quickstart(workdir: str, port: int = 8000, host: str = "127.0.0.1") ->
         print(f"\nseqrec serving {records[-1].parent.name} at {url} (OpenAPI docs: {url}/docs); Ctrl-C stops it")
         print(curl_line(host, port))
 
-    serve_until_stopped(lambda trap: start({"model": {"best_record": str(records[-1])}}, host, port, on_ray_up=trap),
-                        announce)
+    serve_until_stopped({"model": {"best_record": str(records[-1])}}, host, port, announce)
 
 
 def write_yaml(obj: dict[str, Any], path: Path) -> None:
