@@ -115,7 +115,8 @@ def register(paths: list[str], record_id: str, untrained_id: str | None = None) 
               f"{args['max_attr_tokens']} tokens per attribute, lower {args['freeze_layers']} layers frozen, "
               f"length buckets {args.get('length_buckets', 1)}, {args['train_minutes']:g} min of one core per seed")
     common = dict(command="python benchmarks/bench_recformer.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in ("out", "dataset", "zero_shot_dataset")),
+        f"--{k.replace('_', '-')} {v}" for k, v in args.items()
+        if k not in ("out", "dataset", "zero_shot_dataset", "register_only", "record_id", "untrained_id", "skip_untrained")),
         dataset="Scientific", split="test", users=first["n_test_users"], model="recformer", source=sources)
     untrained_id = untrained_id or f"{record_id}_untrained"
     if untrained_id not in load_records(REGISTRY):

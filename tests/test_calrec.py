@@ -6,6 +6,7 @@ matching in test_matching.py.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -294,3 +295,60 @@ def test_two_stage_training_and_evaluate_cli(ray_session, scientific_dataset, de
     res = json.loads((tmp_path / "e.json").read_text())["results"]
     assert set(res) == {"calrec_qrr_bm25", "calrec_match", "lir_bm25"} and res["lir_bm25"]["n_rows"] == 3
     assert "generations matching an item" in capsys.readouterr().out
+    check_pipeline_benchmark(s2["best_checkpoint"], sci, tmp_path / "pipeline")
+
+
+def check_pipeline_benchmark(checkpoint: str, dataset: str, work: Path) -> None:
+    """benchmarks/bench_calrec_pipeline.py evaluate + report on a trained checkpoint: 6 test users in chunks of 4;
+    a lost chunk is scored again with the same ranks (each chunk's sampling RNG is seeded by the chunk); the report
+    computes the metrics from the stored ranks, and its lir_bm25 equals `seqrec evaluate --max-users 6`'s."""
+    from conftest import load_benchmark
+    from seqrec.eval.cli import run_evaluation
+
+    bench = load_benchmark("bench_calrec_pipeline")
+    evaluate = ["evaluate", "--work", str(work), "--checkpoint", checkpoint, "--users", "6", "--chunk-users", "4"]
+    bench.main(evaluate)
+    chunks = sorted((work / "chunks").glob("*.json"))
+    assert [p.name for p in chunks] == ["0000.json", "0001.json"]
+    first = json.loads(chunks[1].read_text())
+    n_gen = first["identity"]["sampling"]["n_gen"]
+    assert len(first["users"]) == 2 and len(first["generations"]) == 2 * n_gen
+    chunks[1].unlink()
+    bench.main(evaluate)
+    again = json.loads(chunks[1].read_text())
+    assert again["views"]["calrec_qrr_bm25"]["pes"] == first["views"]["calrec_qrr_bm25"]["pes"]
+    assert again["generations"] == first["generations"]
+    with pytest.raises(SystemExit, match="use another --work"):  # other sampling settings over the same chunks
+        bench.main(evaluate + ["--n-gen", str(n_gen + 1)])
+
+    out = work / "result.json"
+    bench.main(["report", "--work", str(work), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["n_users"] == 6 and result["match_shares"]["n"] == 6 * n_gen
+    assert result["stages"] == {} and result["train_args"] is None  # trained elsewhere: no train.json
+    _, reference = run_evaluation(dataset, ["lir_bm25"], "test", 6, 0)
+    for key in ("ndcg@10/opt", "ndcg@10/pes", "recall@10/pes", "mrr/pes"):
+        assert result["metrics"]["lir_bm25"][key] == pytest.approx(reference["lir_bm25"]["metrics"][key])
+    for view in ("calrec_qrr_bm25", "calrec_match"):
+        m = result["metrics"][view]
+        assert 0 <= m["ndcg@10/pes"] <= m["ndcg@10/opt"] <= 1
+    with pytest.raises(SystemExit, match="no train.json"):
+        bench.main(["report", "--work", str(work), "--out", str(out), "--register"])
+
+
+def test_pipeline_benchmark_train_overrides():
+    """bench_calrec_pipeline.py train: the preset with the given steps, one validation at each stage's end."""
+    from conftest import load_benchmark
+    from seqrec.train.staged_loop import load_staged_config
+
+    bench = load_benchmark("bench_calrec_pipeline")
+    args = argparse.Namespace(stage1_steps=30, stage2_steps=12, valid_users=16, n_gen=8, max_new_tokens=40,
+                              gen_batch_users=None, temperature=None, lm=None, set=["stages.1.train.lr=2.0e-5"])
+    cfg = load_staged_config(bench.PRESET, bench.train_overrides(args, Path("/tmp/w")))
+    s1, s2 = (st.train for st in cfg.stages)
+    assert (s1.steps, s1.eval_every, s1.valid_max_rows, s1.warmup_steps) == (30, 30, 16, 3)
+    assert (s2.steps, s2.eval_every, s2.warmup_steps, s2.lr) == (12, 12, 1, 2.0e-5)
+    assert cfg.model.params["n_gen"] == 8 and cfg.model.params["max_new_tokens"] == 40
+    assert cfg.model.params["gen_batch_users"] == 2  # the preset's, not overridden
+    assert not cfg.run.test and cfg.run.storage_path == "/tmp/w/train"
+

@@ -43,6 +43,14 @@ def select_users(dataset, rows, users: str):
     raise ValueError(f"unknown user subset {users!r}; expected one of {USER_SUBSETS}")
 
 
+def seeded_user_subset(rows, max_users: int | None, seed: int = 0):
+    """`max_users` rows drawn with `seed`, in their original order (all rows when max_users is None or >= their
+    number): the subset `--max-users` scores, for models too slow to score every user on this machine."""
+    if not max_users or max_users >= len(rows):
+        return rows
+    return rows.subset(np.sort(np.random.default_rng(seed).choice(len(rows), size=max_users, replace=False)))
+
+
 def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, mask_history=False, memory_budget_mb=256.0,
                    users="all", model_params: dict | None = None, popularity_edges: tuple[int, ...] | None = None):
     """(dataset, results by model label). With `popularity_edges` each result also holds "buckets": its metrics
@@ -54,9 +62,7 @@ def run_evaluation(dataset_path, models, split="test", max_users=None, seed=0, m
     rows = select_users(dataset, dataset.eval_rows(split), users)
     if len(rows) == 0:
         raise ValueError(f"no {split} rows in user subset {users!r}")
-    if max_users and max_users < len(rows):
-        # a seeded user subset, for models too slow to score every user on this machine
-        rows = rows.subset(np.sort(np.random.default_rng(seed).choice(len(rows), size=max_users, replace=False)))
+    rows = seeded_user_subset(rows, max_users, seed)
     settings = EvalSettings(mask_history=mask_history, memory_budget_mb=memory_budget_mb)
     target_counts = dataset.train_item_counts()[rows.targets] if popularity_edges else None
     results = {}

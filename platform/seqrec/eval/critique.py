@@ -245,7 +245,7 @@ def run_critique_cli(args, models: list[str]) -> int:
     from pathlib import Path
 
     from seqrec.data.dataset import PreparedDataset
-    from seqrec.eval.cli import build_scorer
+    from seqrec.eval.cli import build_scorer, seeded_user_subset
     from seqrec.features.encoder import FrozenTextEncoder
 
     if len(models) != 1:
@@ -261,8 +261,7 @@ def run_critique_cli(args, models: list[str]) -> int:
     if not getattr(model, "needs_item_features", False):
         raise SystemExit(f"{models[0]} is not a model with a text path; critiques need Flare T+ID")
     rows = dataset.eval_rows(args.split)
-    if args.max_users and args.max_users < len(rows):
-        rows = rows.subset(np.sort(np.random.default_rng(args.seed).choice(len(rows), size=args.max_users, replace=False)))
+    rows = seeded_user_subset(rows, args.max_users, args.seed)
     encoder = FrozenTextEncoder.load(model.config.encoder, max_tokens=model.config.max_text_tokens)
     settings = CritiqueSettings(variants=variants, n_dump=args.dump_users, seed=args.seed,
                                 eval=EvalSettings(mask_history=args.mask_history, memory_budget_mb=args.memory_budget_mb))

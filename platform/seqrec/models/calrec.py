@@ -450,10 +450,11 @@ class CALRec(torch.nn.Module):
         self.reset_samples()
         return self
 
-    def reset_samples(self) -> None:
-        """Forget cached generations and restart the sampling RNG (call after the weights change)."""
+    def reset_samples(self, seed: int | None = None) -> None:
+        """Forget cached generations and restart the sampling RNG at `seed` (default: the config's seed; call
+        after the weights change, or per chunk of users so each chunk's samples do not depend on the others)."""
         self._gen_cache.clear()
-        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._generator = torch.Generator().manual_seed(self.config.seed if seed is None else int(seed))
 
     def require_catalog(self) -> Catalog:
         if self.catalog is None:
