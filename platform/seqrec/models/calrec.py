@@ -439,6 +439,7 @@ class CALRec(torch.nn.Module):
         self.prompts = PromptBuilder(self.tokenizer, config.max_seq_tokens, config.max_item_tokens)
         self.catalog: Catalog | None = None
         self._gen_cache: dict[tuple[int, ...], tuple[list[str], list[float]]] = {}
+        self._sample_seed = config.seed
         self._generator = torch.Generator().manual_seed(config.seed)
         self._newline_ids: torch.Tensor | None = None
 
@@ -454,7 +455,8 @@ class CALRec(torch.nn.Module):
         """Forget cached generations and restart the sampling RNG at `seed` (default: the config's seed; call
         after the weights change, or per chunk of users so each chunk's samples do not depend on the others)."""
         self._gen_cache.clear()
-        self._generator = torch.Generator().manual_seed(self.config.seed if seed is None else int(seed))
+        self._sample_seed = self.config.seed if seed is None else int(seed)
+        self._generator = torch.Generator().manual_seed(self._sample_seed)
 
     def require_catalog(self) -> Catalog:
         if self.catalog is None:
@@ -520,7 +522,7 @@ class CALRec(torch.nn.Module):
         todo_keys = [k for k in dict.fromkeys(keys) if k not in self._gen_cache]
         device = next(self.lm.parameters()).device
         if self._generator.device.type != device.type:  # torch.multinomial needs a generator on the probs' device
-            self._generator = torch.Generator(device=device).manual_seed(cfg.seed)
+            self._generator = torch.Generator(device=device).manual_seed(self._sample_seed)
         was_training = self.lm.training
         self.lm.eval()
         try:
